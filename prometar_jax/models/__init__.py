@@ -1,0 +1,1 @@
+"""Model definitions: the Flax CLIP port with prompt slots."""

@@ -1,0 +1,714 @@
+"""CLIP in Flax Linen, numerically equal to transformers' PyTorch CLIPModel.
+
+The towers take prompt tokens as call arguments (never as module parameters),
+placed exactly where the official IVLP / ProMetaR code puts them:
+
+* text: `prompts[0]` replaces token positions 1..n_ctx of the input embeddings
+  (before the positional embedding is added, so those rows get positions
+  1..n_ctx), and `prompts[i]` replaces positions 1..n_ctx at the input of block
+  i for i = 1..depth-1 (no positional embedding).
+* vision: `prompts[0]` is appended after [CLS, patches] after the positional
+  embedding and before `ln_pre`; `prompts[i]` replaces the last n_ctx tokens at
+  the input of block i for i = 1..depth-1.
+
+Blocks are `nn.scan`ned over depth (layer = leading axis of every block
+parameter), so the per-layer deep prompts are a scanned input with a boolean
+"replace here" flag: fixed shapes, no Python branching on the layer index.
+
+`load(name_or_path)` reads a Hugging Face CLIP checkpoint (safetensors through
+numpy, no torch) and returns a `CLIP` bundle with `encode_image`,
+`encode_text`, `tokenize` and the parameter pytree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+Array = jax.Array
+
+CONTEXT_LENGTH = 77
+
+
+# ---------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TowerConfig:
+  """Shape of one transformer tower (hashable: used as a static jit arg)."""
+
+  width: int
+  layers: int
+  heads: int
+  mlp_dim: int
+  act: str = "quick_gelu"
+  eps: float = 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipConfig:
+  """Shapes of a CLIP model, read from a Hugging Face `CLIPConfig`."""
+
+  vision: TowerConfig
+  text: TowerConfig
+  projection_dim: int
+  image_size: int
+  patch_size: int
+  vocab_size: int = 49408
+  context_length: int = CONTEXT_LENGTH
+  eos_token_id: int = 49407
+
+  @property
+  def grid(self) -> int:
+    return self.image_size // self.patch_size
+
+  @classmethod
+  def from_hf(cls, hf: Any) -> ClipConfig:
+    """From a `transformers.CLIPConfig` (or its `to_dict()`)."""
+    if not isinstance(hf, dict):
+      hf = hf.to_dict()
+    v, t = hf["vision_config"], hf["text_config"]
+
+    def tower(c):
+      return TowerConfig(
+        width=c["hidden_size"],
+        layers=c["num_hidden_layers"],
+        heads=c["num_attention_heads"],
+        mlp_dim=c["intermediate_size"],
+        act=c["hidden_act"],
+        eps=c["layer_norm_eps"],
+      )
+
+    return cls(
+      vision=tower(v),
+      text=tower(t),
+      projection_dim=hf["projection_dim"],
+      image_size=v["image_size"],
+      patch_size=v["patch_size"],
+      vocab_size=t["vocab_size"],
+      context_length=t["max_position_embeddings"],
+      eos_token_id=t["eos_token_id"],
+    )
+
+
+_ACTIVATIONS = {
+  "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+  "gelu": functools.partial(jax.nn.gelu, approximate=False),
+  "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+  "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+  "relu": jax.nn.relu,
+}
+
+
+# ---------------------------------------------------------------------------
+# Modules
+# ---------------------------------------------------------------------------
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm computed in float32 whatever the compute dtype (as torch)."""
+
+  eps: float
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (d,))
+    bias = self.param("bias", nn.initializers.zeros, (d,))
+    x = x.astype(jnp.float32)
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    y = (x - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
+    return y.astype(self.dtype)
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention with HF's q/k/v/out projections."""
+
+  cfg: TowerConfig
+  causal: bool
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    n, length, d = x.shape
+    h = self.cfg.heads
+    dense = functools.partial(nn.Dense, d, dtype=self.dtype)
+    split = lambda y: y.reshape(n, length, h, d // h)  # noqa: E731
+    q = split(dense(name="q_proj")(x)) * (d // h) ** -0.5
+    k = split(dense(name="k_proj")(x))
+    v = split(dense(name="v_proj")(x))
+    scores = jnp.einsum("nqhc,nkhc->nhqk", q, k).astype(jnp.float32)
+    if self.causal:
+      mask = jnp.tril(jnp.ones((length, length), bool))
+      scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+    out = jnp.einsum("nhqk,nkhc->nqhc", probs, v).reshape(n, length, d)
+    return dense(name="out_proj")(out)
+
+
+class Block(nn.Module):
+  """Pre-LN residual block; optionally replaces prompt rows at its input.
+
+  Called under `nn.scan`: `carry` is the token sequence, `(prompt, replace)`
+  are this layer's slice of the scanned deep prompts ([n_ctx, width] and a
+  scalar bool) and `where` is a static description of the prompt rows.
+  """
+
+  cfg: TowerConfig
+  causal: bool
+  prompt_rows: tuple[int, int] | None = None  # (start, n_ctx) or None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, scanned):
+    prompt, replace = scanned
+    if self.prompt_rows is not None:
+      start, n_ctx = self.prompt_rows
+      rows = jnp.arange(x.shape[1])
+      in_slot = (rows >= start) & (rows < start + n_ctx)
+      padded = jnp.zeros(x.shape[1:], x.dtype)
+      padded = padded.at[start : start + n_ctx].set(prompt.astype(x.dtype))
+      x = jnp.where((in_slot & replace)[None, :, None], padded[None], x)
+    cfg = self.cfg
+    y = LayerNorm(cfg.eps, self.dtype, name="layer_norm1")(x)
+    x = x + Attention(cfg, self.causal, self.dtype, name="self_attn")(y)
+    y = LayerNorm(cfg.eps, self.dtype, name="layer_norm2")(x)
+    y = nn.Dense(cfg.mlp_dim, dtype=self.dtype, name="fc1")(y)
+    y = _ACTIVATIONS[cfg.act](y)
+    y = nn.Dense(cfg.width, dtype=self.dtype, name="fc2")(y)
+    return x + y, None
+
+
+class Encoder(nn.Module):
+  """`cfg.layers` Blocks scanned over depth, with deep-prompt replacement."""
+
+  cfg: TowerConfig
+  causal: bool
+  prompt_rows: tuple[int, int] | None = None
+  remat: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, deep_prompts, replace):
+    block = Block
+    if self.remat:
+      block = nn.remat(Block, prevent_cse=False)
+    scanned = nn.scan(
+      block,
+      variable_axes={"params": 0},
+      split_rngs={"params": True},
+      in_axes=0,
+      length=self.cfg.layers,
+    )
+    x, _ = scanned(
+      self.cfg, self.causal, self.prompt_rows, self.dtype, name="layers"
+    )(x, (deep_prompts, replace))
+    return x
+
+
+def _deep_prompt_schedule(prompts, layers: int, width: int):
+  """Per-layer deep prompts [layers, n_ctx, width] and replace flags.
+
+  Block 0 never replaces (it sees the input-level prompt); block i in
+  1..depth-1 replaces with prompts[i]; blocks >= depth carry tokens forward.
+  """
+  if prompts is None:
+    return jnp.zeros((layers, 1, width)), jnp.zeros((layers,), bool)
+  depth, n_ctx, _ = prompts.shape
+  if depth > layers:
+    raise ValueError(
+      f"prompt depth {depth} exceeds the tower's {layers} layers; use a "
+      f"depth between 0 and {layers}."
+    )
+  deep = jnp.zeros((layers, n_ctx, width), prompts.dtype)
+  deep = deep.at[1:depth].set(prompts[1:])
+  replace = jnp.arange(layers) < depth
+  replace = replace.at[0].set(False)
+  return deep, replace
+
+
+def _check_prompts(prompts, width: int, branch: str):
+  if prompts is None:
+    return None
+  if prompts.ndim != 3 or prompts.shape[-1] != width:
+    raise ValueError(
+      f"{branch} prompts must be [depth, n_ctx, {width}], got "
+      f"{tuple(prompts.shape)}."
+    )
+  if prompts.shape[0] == 0 or prompts.shape[1] == 0:
+    return None
+  return prompts
+
+
+class TextTower(nn.Module):
+  """Token + positional embedding, causal blocks, final LN, EOT pooling."""
+
+  cfg: ClipConfig
+  remat: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, token_ids, prompts=None):
+    tc = self.cfg.text
+    prompts = _check_prompts(prompts, tc.width, "text")
+    n, length = token_ids.shape
+    emb = nn.Embed(self.cfg.vocab_size, tc.width, name="token_embedding")
+    pos = self.param(
+      "position_embedding",
+      nn.initializers.normal(0.01),
+      (self.cfg.context_length, tc.width),
+    )
+    x = emb(token_ids)
+    rows = None
+    if prompts is not None:
+      n_ctx = prompts.shape[1]
+      if 1 + n_ctx >= length:
+        raise ValueError(
+          f"{n_ctx} text prompt tokens do not fit in {length} token positions"
+        )
+      rows = (1, n_ctx)
+      ctx = jnp.broadcast_to(prompts[0], (n, n_ctx, tc.width))
+      x = jnp.concatenate([x[:, :1], ctx.astype(x.dtype), x[:, 1 + n_ctx :]], 1)
+    # Truncated inputs (length < 77) use the first `length` positions: under
+    # the causal mask the EOT row never sees later positions.
+    x = (x + pos[:length]).astype(self.dtype)
+    deep, replace = _deep_prompt_schedule(prompts, tc.layers, tc.width)
+    x = Encoder(tc, True, rows, self.remat, self.dtype, name="encoder")(
+      x, deep, replace
+    )
+    x = LayerNorm(tc.eps, jnp.float32, name="final_layer_norm")(x)
+    if self.cfg.eos_token_id == 2:
+      # Legacy OpenAI configs: the EOT has the largest id.
+      eot = jnp.argmax(token_ids, axis=-1)
+    else:
+      eot = jnp.argmax(token_ids == self.cfg.eos_token_id, axis=-1)
+    return x[jnp.arange(n), eot]
+
+
+class VisionTower(nn.Module):
+  """Patch embedding, [CLS] + positions, prompts, pre-LN, blocks, post-LN."""
+
+  cfg: ClipConfig
+  remat: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, pixels, prompts=None):
+    vc, p = self.cfg.vision, self.cfg.patch_size
+    prompts = _check_prompts(prompts, vc.width, "vision")
+    n = pixels.shape[0]
+    x = nn.Conv(
+      vc.width,
+      (p, p),
+      strides=(p, p),
+      padding="VALID",
+      use_bias=False,
+      dtype=self.dtype,
+      name="patch_embedding",
+    )(pixels.astype(self.dtype))
+    x = x.reshape(n, -1, vc.width)
+    cls = self.param(
+      "class_embedding", nn.initializers.normal(0.02), (vc.width,)
+    )
+    pos = self.param(
+      "position_embedding",
+      nn.initializers.normal(0.01),
+      (1 + self.cfg.grid**2, vc.width),
+    )
+    if x.shape[1] + 1 != pos.shape[0]:
+      raise ValueError(
+        f"images of {pixels.shape[1]}x{pixels.shape[2]} give {x.shape[1]} "
+        f"patches but the checkpoint has {pos.shape[0] - 1} positions; "
+        f"resize images to {self.cfg.image_size} or load with image_size=..."
+      )
+    cls = jnp.broadcast_to(cls.astype(x.dtype), (n, 1, vc.width))
+    x = jnp.concatenate([cls, x], axis=1) + pos.astype(x.dtype)
+    rows = None
+    if prompts is not None:
+      n_ctx = prompts.shape[1]
+      rows = (x.shape[1], n_ctx)  # the last n_ctx rows after appending
+      ctx = jnp.broadcast_to(prompts[0], (n, n_ctx, vc.width))
+      x = jnp.concatenate([x, ctx.astype(x.dtype)], axis=1)
+    x = LayerNorm(vc.eps, self.dtype, name="pre_layrnorm")(x)
+    deep, replace = _deep_prompt_schedule(prompts, vc.layers, vc.width)
+    x = Encoder(vc, False, rows, self.remat, self.dtype, name="encoder")(
+      x, deep, replace
+    )
+    return LayerNorm(vc.eps, jnp.float32, name="post_layernorm")(x[:, 0])
+
+
+class CLIPModule(nn.Module):
+  """Both towers, the projections and the logit scale."""
+
+  cfg: ClipConfig
+  remat: bool = False
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    self.vision_model = VisionTower(self.cfg, self.remat, self.dtype)
+    self.text_model = TextTower(self.cfg, self.remat, self.dtype)
+    dense = functools.partial(
+      nn.Dense, self.cfg.projection_dim, use_bias=False, dtype=jnp.float32
+    )
+    self.visual_projection = dense()
+    self.text_projection = dense()
+    self.logit_scale = self.param(
+      "logit_scale", nn.initializers.constant(np.log(1 / 0.07)), ()
+    )
+
+  def encode_image(self, pixels, prompts=None):
+    return self.visual_projection(self.vision_model(pixels, prompts))
+
+  def encode_text(self, token_ids, prompts=None):
+    return self.text_projection(self.text_model(token_ids, prompts))
+
+  def __call__(self, pixels, token_ids):
+    img = self.encode_image(pixels)
+    txt = self.encode_text(token_ids)
+    return img, txt, self.logit_scale
+
+
+# ---------------------------------------------------------------------------
+# Pure functions over (config, params)
+# ---------------------------------------------------------------------------
+
+
+def make_module(cfg: ClipConfig, dtype=jnp.float32, remat=False):
+  return CLIPModule(cfg, remat=remat, dtype=dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "dtype", "remat"))
+def encode_image(
+  params: PyTree,
+  pixels: Array,
+  prompts: Array | None = None,
+  *,
+  cfg: ClipConfig,
+  dtype=jnp.float32,
+  remat: bool = False,
+) -> Array:
+  """Projected, unnormalized image features.
+
+  Args:
+    params: the CLIP parameter pytree.
+    pixels: [N, H, W, 3] float32, already normalized with the CLIP mean/std.
+    prompts: optional [depth, n_ctx, vision_width] vision prompts.
+
+  Returns:
+    [N, projection_dim] float32 features.
+  """
+  return make_module(cfg, dtype, remat).apply(
+    {"params": params}, pixels, prompts, method=CLIPModule.encode_image
+  )
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "dtype", "remat"))
+def encode_text(
+  params: PyTree,
+  token_ids: Array,
+  prompts: Array | None = None,
+  *,
+  cfg: ClipConfig,
+  dtype=jnp.float32,
+  remat: bool = False,
+) -> Array:
+  """Projected, unnormalized text features of [N, L] token ids (L <= 77)."""
+  return make_module(cfg, dtype, remat).apply(
+    {"params": params}, token_ids, prompts, method=CLIPModule.encode_text
+  )
+
+
+def init_params(cfg: ClipConfig, key: Array) -> PyTree:
+  """Random parameters (for tests and shape checks)."""
+  pixels = jnp.zeros((1, cfg.image_size, cfg.image_size, 3))
+  ids = jnp.zeros((1, cfg.context_length), jnp.int32)
+  return make_module(cfg).init(key, pixels, ids)["params"]
+
+
+def normalize(x: Array) -> Array:
+  return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+
+# ---------------------------------------------------------------------------
+# Hugging Face checkpoints
+# ---------------------------------------------------------------------------
+
+_IGNORED_KEYS = (
+  "text_model.embeddings.position_ids",
+  "vision_model.embeddings.position_ids",
+)
+
+
+def convert_hf_state_dict(
+  state: dict[str, np.ndarray], cfg: ClipConfig
+) -> PyTree:
+  """HF `CLIPModel` tensors (numpy, torch layout) -> our parameter pytree.
+
+  Every tensor of the checkpoint must be used exactly once; a missing or an
+  unused key raises a ValueError naming it.
+  """
+  state = {k: v for k, v in state.items() if k not in _IGNORED_KEYS}
+  used: set[str] = set()
+
+  def take(key):
+    if key not in state:
+      raise ValueError(
+        f"the checkpoint has no tensor {key!r}: it is not a complete "
+        f"Hugging Face CLIPModel checkpoint for this config."
+      )
+    used.add(key)
+    return np.asarray(state[key], dtype=np.float32)
+
+  def dense(prefix, bias=True):
+    out = {"kernel": take(prefix + ".weight").T}
+    if bias:
+      out["bias"] = take(prefix + ".bias")
+    return out
+
+  def ln(prefix):
+    return {"scale": take(prefix + ".weight"), "bias": take(prefix + ".bias")}
+
+  def encoder(prefix, tower: TowerConfig):
+    per_layer = []
+    for i in range(tower.layers):
+      p = f"{prefix}.encoder.layers.{i}"
+      per_layer.append(
+        {
+          "self_attn": {
+            name: dense(f"{p}.self_attn.{name}")
+            for name in ("q_proj", "k_proj", "v_proj", "out_proj")
+          },
+          "layer_norm1": ln(f"{p}.layer_norm1"),
+          "layer_norm2": ln(f"{p}.layer_norm2"),
+          "fc1": dense(f"{p}.mlp.fc1"),
+          "fc2": dense(f"{p}.mlp.fc2"),
+        }
+      )
+    stacked = jax.tree.map(lambda *xs: np.stack(xs), *per_layer)
+    return {"layers": stacked}
+
+  patch = take("vision_model.embeddings.patch_embedding.weight")
+  params = {
+    "vision_model": {
+      "patch_embedding": {"kernel": patch.transpose(2, 3, 1, 0)},
+      "class_embedding": take("vision_model.embeddings.class_embedding"),
+      "position_embedding": take(
+        "vision_model.embeddings.position_embedding.weight"
+      ),
+      "pre_layrnorm": ln("vision_model.pre_layrnorm"),
+      "encoder": encoder("vision_model", cfg.vision),
+      "post_layernorm": ln("vision_model.post_layernorm"),
+    },
+    "text_model": {
+      "token_embedding": {
+        "embedding": take("text_model.embeddings.token_embedding.weight")
+      },
+      "position_embedding": take(
+        "text_model.embeddings.position_embedding.weight"
+      ),
+      "encoder": encoder("text_model", cfg.text),
+      "final_layer_norm": ln("text_model.final_layer_norm"),
+    },
+    "visual_projection": dense("visual_projection", bias=False),
+    "text_projection": dense("text_projection", bias=False),
+    "logit_scale": take("logit_scale").reshape(()),
+  }
+  unused = sorted(set(state) - used)
+  if unused:
+    raise ValueError(
+      f"{len(unused)} checkpoint tensors were not used, e.g. {unused[:5]}: "
+      f"the checkpoint does not match its config.json."
+    )
+  return params
+
+
+def interpolate_position_embedding(params: PyTree, cfg: ClipConfig, size: int):
+  """Resize the vision positional grid (bicubic) for another image size."""
+  grid, new_grid = cfg.grid, size // cfg.patch_size
+  pos = params["vision_model"]["position_embedding"]
+  cls, patches = pos[:1], pos[1:].reshape(grid, grid, -1)
+  patches = jax.image.resize(
+    patches, (new_grid, new_grid, patches.shape[-1]), "bicubic"
+  )
+  new_pos = np.concatenate([cls, np.asarray(patches).reshape(new_grid**2, -1)])
+  vision = dict(params["vision_model"], position_embedding=new_pos)
+  return dict(params, vision_model=vision)
+
+
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def _resolve_folder(name_or_path: str) -> str:
+  """A local checkpoint folder, or the hub cache's snapshot of a hub id."""
+  if os.path.isdir(name_or_path):
+    return name_or_path
+  if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+    raise FileNotFoundError(
+      f"no CLIP checkpoint folder at {name_or_path!r}. Pass a folder holding "
+      f"config.json and model.safetensors (what save_pretrained writes), or a "
+      f"hub id such as 'openai/clip-vit-base-patch16'."
+    )
+  import huggingface_hub
+
+  patterns = ["*.json", "*.txt", "model.safetensors"]
+  try:  # the local cache first: no network needed when it is there
+    return huggingface_hub.snapshot_download(
+      name_or_path, allow_patterns=patterns, local_files_only=True
+    )
+  except Exception:
+    pass
+  try:
+    return huggingface_hub.snapshot_download(
+      name_or_path, allow_patterns=patterns
+    )
+  except Exception as e:  # offline, unknown id
+    raise FileNotFoundError(
+      f"{name_or_path!r} is neither a local folder nor a hub checkpoint that "
+      f"can be reached or is cached ({type(e).__name__}). On a machine with "
+      f"internet run `hf download {name_or_path}` (it lands in "
+      f"{huggingface_hub.constants.HF_HUB_CACHE}, which this loader reads), "
+      f"or put config.json, model.safetensors and the tokenizer files "
+      f"(vocab.json, merges.txt) in a folder and pass that folder."
+    ) from e
+
+
+def read_config(folder: str) -> ClipConfig:
+  path = os.path.join(folder, "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(
+      f"{folder!r} has no config.json: it is not a Hugging Face checkpoint "
+      f"folder (save one with CLIPModel.save_pretrained)."
+    )
+  with open(path) as f:
+    raw = json.load(f)
+  if raw.get("model_type") != "clip" or "vision_config" not in raw:
+    raise ValueError(
+      f"{path} describes model_type={raw.get('model_type')!r}, not a CLIP "
+      f"model (CLIPModel with text_config and vision_config); pass a CLIP "
+      f"checkpoint such as openai/clip-vit-base-patch16."
+    )
+  from transformers import CLIPConfig
+
+  # Through CLIPConfig so fields left at their defaults are filled in.
+  return ClipConfig.from_hf(CLIPConfig.from_dict(raw))
+
+
+def read_state_dict(folder: str) -> dict[str, np.ndarray]:
+  st = os.path.join(folder, "model.safetensors")
+  if os.path.isfile(st):
+    from safetensors.numpy import load_file
+
+    return load_file(st)
+  pt = os.path.join(folder, "pytorch_model.bin")
+  if os.path.isfile(pt):
+    try:
+      import torch
+    except ImportError as e:
+      raise ImportError(
+        f"{folder!r} holds only pytorch_model.bin, which needs torch to read; "
+        f"install torch or convert it to model.safetensors."
+      ) from e
+    sd = torch.load(pt, map_location="cpu", weights_only=True)
+    return {k: v.float().numpy() for k, v in sd.items()}
+  raise FileNotFoundError(
+    f"{folder!r} has no weights: expected one of {list(_WEIGHT_FILES)}."
+  )
+
+
+@dataclasses.dataclass
+class CLIP:
+  """A loaded CLIP: config, parameters and bound convenience functions."""
+
+  config: ClipConfig
+  params: PyTree
+  folder: str | None = None
+  dtype: Any = jnp.float32
+
+  @property
+  def logit_scale(self) -> Array:
+    """exp of the learned log-scale (100 for the OpenAI checkpoints)."""
+    return jnp.exp(self.params["logit_scale"])
+
+  def encode_image(self, pixels, prompts=None) -> Array:
+    return encode_image(
+      self.params, pixels, prompts, cfg=self.config, dtype=self.dtype
+    )
+
+  def encode_text(self, token_ids, prompts=None) -> Array:
+    return encode_text(
+      self.params, token_ids, prompts, cfg=self.config, dtype=self.dtype
+    )
+
+  @functools.cached_property
+  def tokenizer(self):
+    from transformers import CLIPTokenizer
+
+    if self.folder is None:
+      raise ValueError("this CLIP was not loaded from a folder: no tokenizer")
+    try:
+      return CLIPTokenizer.from_pretrained(self.folder)
+    except Exception as e:
+      raise FileNotFoundError(
+        f"{self.folder!r} has no usable tokenizer files (vocab.json and "
+        f"merges.txt, or tokenizer.json); copy them from the same hub "
+        f"checkpoint ({type(e).__name__}: {e})."
+      ) from e
+
+  def tokenize(self, texts: Sequence[str]) -> np.ndarray:
+    """[N, 77] int32 ids: SOT, text, EOT, padded and truncated to 77."""
+    return tokenize(self.tokenizer, texts, self.config.context_length)
+
+
+def tokenize(tokenizer, texts: Sequence[str], length: int = 77) -> np.ndarray:
+  out = tokenizer(
+    list(texts),
+    padding="max_length",
+    truncation=True,
+    max_length=length,
+    return_tensors="np",
+  )
+  return np.asarray(out["input_ids"], dtype=np.int32)
+
+
+def load(
+  name_or_path: str,
+  *,
+  dtype=jnp.float32,
+  image_size: int | None = None,
+) -> CLIP:
+  """Loads a Hugging Face CLIP checkpoint (folder or hub id) without torch.
+
+  Args:
+    name_or_path: a folder with config.json + model.safetensors (or
+      pytorch_model.bin, read with torch if installed), or a hub id resolved
+      through huggingface_hub's cache.
+    dtype: compute dtype (parameters stay float32); jnp.bfloat16 for speed.
+    image_size: optional other input resolution; the positional embedding is
+      interpolated bicubically.
+
+  Returns:
+    A `CLIP` with `config`, `params`, `encode_image`, `encode_text`,
+    `logit_scale` and `tokenize`.
+  """
+  folder = _resolve_folder(os.path.expanduser(name_or_path))
+  cfg = read_config(folder)
+  params = convert_hf_state_dict(read_state_dict(folder), cfg)
+  if image_size is not None and image_size != cfg.image_size:
+    params = interpolate_position_embedding(params, cfg, image_size)
+    cfg = dataclasses.replace(cfg, image_size=image_size)
+  params = jax.tree.map(jnp.asarray, params)
+  return CLIP(cfg, params, folder, dtype)

@@ -1,0 +1,305 @@
+"""The Flax CLIP port against transformers' PyTorch CLIPModel and the reference."""
+
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import TINY_CONFIGS, random_token_ids, write_tiny_tokenizer
+
+from prometar_jax.models import clip as clip_lib
+
+
+def _torch_features(model, pixels_nhwc, ids):
+  import torch
+
+  with torch.no_grad():
+    pix = torch.from_numpy(pixels_nhwc.transpose(0, 3, 1, 2).copy())
+    ids_t = torch.from_numpy(ids)
+    img = model.get_image_features(pixel_values=pix).pooler_output
+    txt = model.get_text_features(input_ids=ids_t).pooler_output
+    logits = model(input_ids=ids_t, pixel_values=pix).logits_per_image
+  return img.numpy(), txt.numpy(), logits.numpy()
+
+
+@pytest.mark.parametrize("name", list(TINY_CONFIGS))
+def test_parity_with_hf_pytorch(hf_clips, name):
+  folder, model = hf_clips[name]
+  clip = clip_lib.load(folder)
+  cfg = clip.config
+  rng = np.random.default_rng(0)
+  pixels = rng.normal(size=(3, cfg.image_size, cfg.image_size, 3))
+  pixels = pixels.astype(np.float32)
+  ids = random_token_ids(rng, 5, cfg.eos_token_id)
+  want_img, want_txt, want_logits = _torch_features(model, pixels, ids)
+
+  img = np.asarray(clip.encode_image(pixels))
+  txt = np.asarray(clip.encode_text(ids))
+  logits = (
+    clip.logit_scale * clip_lib.normalize(img) @ clip_lib.normalize(txt).T
+  )
+  # Features are O(1): absolute tolerance 1e-5.
+  assert np.abs(want_img).max() > 0.1 and np.abs(want_txt).max() > 0.1
+  np.testing.assert_allclose(img, want_img, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(txt, want_txt, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(logits, want_logits, atol=1e-4 * 100, rtol=1e-5)
+
+
+def test_parity_with_hf_on_reference_checkpoint(reference):
+  import torch
+  from transformers import CLIPModel
+
+  arrays, _, hf_dir = reference
+  clip = clip_lib.load(hf_dir)
+  model = CLIPModel.from_pretrained(hf_dir).eval()
+  pixels = arrays["input/images"].transpose(0, 2, 3, 1)
+  ids = arrays["input/tokenized_prompts"]
+  want_img, want_txt, want_logits = _torch_features(model, pixels, ids)
+  np.testing.assert_allclose(clip.encode_image(pixels), want_img, atol=1e-5)
+  np.testing.assert_allclose(clip.encode_text(ids), want_txt, atol=1e-5)
+  # The frozen zero-shot image features of the official step, too.
+  zs = clip_lib.normalize(clip.encode_image(pixels))
+  np.testing.assert_allclose(
+    zs, arrays["stage1/forward/zs_image_features"], atol=1e-5
+  )
+  del torch
+
+
+def _reference_prompts(arrays):
+  text = np.stack(
+    [
+      arrays["init/prompt_learner.ctx"],
+      arrays["init/text_encoder.transformer.resblocks.1.VPT_shallow"],
+    ]
+  )
+  vision = np.stack(
+    [
+      arrays["init/image_encoder.VPT"],
+      arrays["init/image_encoder.transformer.resblocks.1.VPT_shallow"],
+    ]
+  )
+  return text, vision
+
+
+def test_prompted_features_equal_official(reference):
+  arrays, _, hf_dir = reference
+  clip = clip_lib.load(hf_dir)
+  text_prompts, vision_prompts = _reference_prompts(arrays)
+  pixels = arrays["input/images"].transpose(0, 2, 3, 1)
+  ids = arrays["input/tokenized_prompts"]
+  img = clip.encode_image(pixels, vision_prompts)
+  txt = clip.encode_text(ids, text_prompts)
+  f = "stage1/forward/"
+  np.testing.assert_allclose(
+    img, arrays[f + "image_features_unnormalized"], atol=1e-5
+  )
+  np.testing.assert_allclose(
+    txt, arrays[f + "text_features_unnormalized"], atol=1e-5
+  )
+  logits = (
+    clip.logit_scale * clip_lib.normalize(img) @ clip_lib.normalize(txt).T
+  )
+  np.testing.assert_allclose(logits, arrays[f + "logits"], atol=1e-4, rtol=1e-5)
+  # A prompt in the wrong slot must change the features (negative control).
+  moved = np.roll(text_prompts, 1, axis=0)
+  assert np.abs(clip.encode_text(ids, moved) - txt).max() > 1e-3
+
+
+def test_prompt_slots_match_manual_construction(hf_clips):
+  """Deep prompts replace rows at block inputs; block >= depth carries on.
+
+  Independent check: a hand-written forward in numpy of the same semantics.
+  """
+  folder, _ = hf_clips["p8_quickgelu"]
+  clip = clip_lib.load(folder)
+  cfg = clip.config
+  rng = np.random.default_rng(1)
+  depth, n_ctx = 2, 3
+  vp = rng.normal(0, 0.5, (depth, n_ctx, cfg.vision.width)).astype(np.float32)
+  pixels = rng.normal(size=(2, 32, 32, 3)).astype(np.float32)
+  got = np.asarray(clip.encode_image(pixels, vp))
+  want = _numpy_vision(clip.params, cfg, pixels, vp)
+  np.testing.assert_allclose(got, want, atol=2e-5)
+  # Zero-size prompts are plain CLIP.
+  empty = np.zeros((0, 0, cfg.vision.width), np.float32)
+  np.testing.assert_allclose(
+    clip.encode_image(pixels, empty), clip.encode_image(pixels), atol=1e-6
+  )
+
+
+def _np_ln(x, p, eps=1e-5):
+  m = x.mean(-1, keepdims=True)
+  v = ((x - m) ** 2).mean(-1, keepdims=True)
+  return (x - m) / np.sqrt(v + eps) * p["scale"] + p["bias"]
+
+
+def _np_block(x, p, heads, act):
+  def dense(y, q):
+    return y @ np.asarray(q["kernel"]) + np.asarray(q["bias"])
+
+  n, length, d = x.shape
+  y = _np_ln(x, p["layer_norm1"])
+  a = p["self_attn"]
+  sh = lambda t: t.reshape(n, length, heads, d // heads)  # noqa: E731
+  q = sh(dense(y, a["q_proj"])) * (d // heads) ** -0.5
+  k, v = sh(dense(y, a["k_proj"])), sh(dense(y, a["v_proj"]))
+  s = np.einsum("nqhc,nkhc->nhqk", q, k)
+  s = np.exp(s - s.max(-1, keepdims=True))
+  s = s / s.sum(-1, keepdims=True)
+  o = np.einsum("nhqk,nkhc->nqhc", s, v).reshape(n, length, d)
+  x = x + dense(o, a["out_proj"])
+  y = dense(_np_ln(x, p["layer_norm2"]), p["fc1"])
+  y = y / (1 + np.exp(-1.702 * y)) if act == "quick_gelu" else y
+  return x + dense(y, p["fc2"])
+
+
+def _numpy_vision(params, cfg, pixels, prompts):
+  params = jax.tree.map(np.asarray, params)
+  vm = params["vision_model"]
+  p, g = cfg.patch_size, cfg.grid
+  n = pixels.shape[0]
+  patches = pixels.reshape(n, g, p, g, p, 3).transpose(0, 1, 3, 2, 4, 5)
+  kernel = vm["patch_embedding"]["kernel"]  # [p, p, 3, d]
+  x = np.einsum("nijabc,abcd->nijd", patches, kernel).reshape(n, g * g, -1)
+  cls = np.broadcast_to(vm["class_embedding"], (n, 1, x.shape[-1]))
+  x = np.concatenate([cls, x], 1) + vm["position_embedding"]
+  n_ctx = prompts.shape[1]
+  x = np.concatenate(
+    [x, np.broadcast_to(prompts[0], (n,) + prompts[0].shape)], 1
+  )
+  x = _np_ln(x, vm["pre_layrnorm"])
+  layers = vm["encoder"]["layers"]
+  for i in range(cfg.vision.layers):
+    if 0 < i < prompts.shape[0]:
+      x = x.copy()
+      x[:, -n_ctx:] = prompts[i]
+    layer = jax.tree.map(lambda t, i=i: t[i], layers)
+    x = _np_block(x, layer, cfg.vision.heads, cfg.vision.act)
+  pooled = _np_ln(x[:, 0], vm["post_layernorm"])
+  return pooled @ params["visual_projection"]["kernel"]
+
+
+def test_bf16_compute_close_to_fp32(hf_clips):
+  folder, _ = hf_clips["p16_gelu_4heads"]
+  f32 = clip_lib.load(folder)
+  bf16 = clip_lib.load(folder, dtype=jnp.bfloat16)
+  assert jax.tree.leaves(bf16.params)[0].dtype == jnp.float32
+  rng = np.random.default_rng(0)
+  pixels = rng.normal(size=(2, 48, 48, 3)).astype(np.float32)
+  a, b = f32.encode_image(pixels), bf16.encode_image(pixels)
+  assert b.dtype == jnp.float32
+  rel = np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(a).max()
+  assert 0 < rel < 5e-2
+
+
+def test_vit_b16_shapes_convert_with_every_tensor_used_once():
+  import torch
+  from transformers import CLIPConfig, CLIPModel
+
+  hf_cfg = CLIPConfig(
+    text_config=dict(
+      hidden_size=512,
+      intermediate_size=2048,
+      num_attention_heads=8,
+      num_hidden_layers=12,
+    ),
+    vision_config=dict(
+      hidden_size=768,
+      intermediate_size=3072,
+      num_attention_heads=12,
+      num_hidden_layers=12,
+      image_size=224,
+      patch_size=16,
+    ),
+    projection_dim=512,
+  )
+  with torch.device("meta"):
+    model = CLIPModel(hf_cfg)
+  shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+  cfg = clip_lib.ClipConfig.from_hf(hf_cfg)
+  # Zero-stride views: every tensor "exists" without allocating it.
+  zero = np.zeros((), np.float32)
+  state = {k: np.broadcast_to(zero, s) for k, s in shapes.items()}
+  params = clip_lib.convert_hf_state_dict(state, cfg)
+  init = functools.partial(clip_lib.init_params, cfg)
+  abstract = jax.eval_shape(init, jax.random.key(0))
+  got = jax.tree.map(lambda x: tuple(x.shape), params)
+  want = jax.tree.map(lambda x: tuple(x.shape), abstract)
+  assert got == want
+  n_params = sum(int(np.prod(s)) for s in shapes.values())
+  assert n_params == sum(x.size for x in jax.tree.leaves(params))
+  # An extra or a missing tensor is an error.
+  with pytest.raises(ValueError, match="not used"):
+    clip_lib.convert_hf_state_dict(dict(state, extra=zero), cfg)
+  del state["text_model.final_layer_norm.bias"]
+  with pytest.raises(ValueError, match="final_layer_norm.bias"):
+    clip_lib.convert_hf_state_dict(state, cfg)
+
+
+def test_position_embedding_interpolation(hf_clips):
+  folder, _ = hf_clips["p8_quickgelu"]
+  clip = clip_lib.load(folder, image_size=48)
+  assert clip.config.grid == 6
+  out = clip.encode_image(np.zeros((1, 48, 48, 3), np.float32))
+  assert out.shape == (1, 16) and np.isfinite(out).all()
+  with pytest.raises(ValueError, match="patches"):
+    clip_lib.load(folder).encode_image(np.zeros((1, 48, 48, 3), np.float32))
+
+
+def test_tokenize_with_checkpoint_tokenizer(hf_clips, tmp_path):
+  folder, _ = hf_clips["p8_quickgelu"]
+  import shutil
+
+  shutil.copytree(folder, tmp_path / "ckpt")
+  vocab = write_tiny_tokenizer(tmp_path / "ckpt")
+  clip = clip_lib.load(str(tmp_path / "ckpt"))
+  ids = clip.tokenize(["a Dog.", "x" * 100])
+  assert ids.shape == (2, 77) and ids.dtype == np.int32
+  # No merges: one token per character, lower-cased; "</w>" ends a word.
+  want = [
+    512,
+    vocab["a</w>"],
+    vocab["d"],
+    vocab["o"],
+    vocab["g</w>"],
+    vocab[".</w>"],
+    513,
+  ]
+  assert list(ids[0, :7]) == want
+  # Truncated to 77 with EOT kept last.
+  assert ids[1, 0] == 512 and ids[1, 76] == 513
+
+
+def test_clear_errors(tmp_path, hf_clips, monkeypatch):
+  with pytest.raises(FileNotFoundError, match="no CLIP checkpoint folder"):
+    clip_lib.load(str(tmp_path / "missing" / "ckpt"))
+  folder, _ = hf_clips["p8_quickgelu"]
+  only_config = tmp_path / "no_weights"
+  only_config.mkdir()
+  (only_config / "config.json").write_text(
+    open(os.path.join(folder, "config.json")).read()
+  )
+  with pytest.raises(FileNotFoundError, match="has no weights"):
+    clip_lib.load(str(only_config))
+  not_clip = tmp_path / "bert"
+  not_clip.mkdir()
+  (not_clip / "config.json").write_text(json.dumps({"model_type": "bert"}))
+  with pytest.raises(ValueError, match="not a CLIP"):
+    clip_lib.load(str(not_clip))
+  no_config = tmp_path / "empty"
+  no_config.mkdir()
+  with pytest.raises(FileNotFoundError, match="no config.json"):
+    clip_lib.load(str(no_config))
+  # A hub id while offline and not cached: says what to download and where.
+  import huggingface_hub
+
+  monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  monkeypatch.setattr(
+    huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub")
+  )
+  with pytest.raises(FileNotFoundError, match="hf download openai/clip"):
+    clip_lib.load("openai/clip-vit-base-patch16")
