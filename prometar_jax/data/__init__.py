@@ -13,6 +13,11 @@ Public API:
     process_count=1, source=None) -> EvalPipeline, iterable, `num_batches`,
     batches {"image", "label", "mask" bool} of one fixed shape.
   to_global(batch, sharding) -> dict of global jax.Arrays.
+  build_tfds(name, root, data_dir) / TfdsSource(name, root, data_dir): encode
+    a CoOp folder once with TFDS and read the images from it (tfds_coop.py).
+  catalog_split(name, num_shots, seed, subsample, data_dir=None) /
+    CatalogSource(name, data_dir): TFDS catalog datasets, not the CoOp splits
+    (tfds_catalog.py).
 """
 
 from prometar_jax.data.datasets import (
@@ -35,20 +40,33 @@ from prometar_jax.data.input_pipeline import (
   make_train_dataset,
   to_global,
 )
+from prometar_jax.data.tfds_catalog import CatalogSource, catalog_split
+from prometar_jax.data.tfds_coop import (
+  CoopDataset,
+  TfdsSource,
+  build_tfds,
+  load_tfds,
+)
 
 __all__ = [
   "DATASET_NAMES",
-  "EvalPipeline",
-  "FileSource",
-  "ImageReadError",
-  "TrainPipeline",
-  "make_eval_dataset",
-  "make_train_dataset",
-  "to_global",
+  "build_tfds",
+  "catalog_split",
+  "CatalogSource",
   "classnames_of",
+  "CoopDataset",
+  "EvalPipeline",
   "fewshot_split",
+  "FileSource",
   "generate_fewshot",
   "get_spec",
+  "ImageReadError",
+  "load_tfds",
+  "make_eval_dataset",
+  "make_train_dataset",
   "read_splits",
   "subsample_classes",
+  "TfdsSource",
+  "to_global",
+  "TrainPipeline",
 ]

@@ -30,7 +30,6 @@ unpickle); the same selection is recomputed from the split lists.
 import dataclasses
 import json
 import os
-import random
 
 from prometar_jax.data import fewshot
 
@@ -464,27 +463,15 @@ def fewshot_split(
   """
   spec = get_spec(name)
   split = read_splits(spec.name, dataset_dir(spec.name, root), imagenet_order)
-  train, val, test = split["train"], split["val"], split["test"]
-  if spec.name not in TEST_ONLY:
-    if num_shots is not None and num_shots >= 1:
-      rng = random.Random(seed)
-      train = fewshot.generate_fewshot(train, num_shots, rng)
-      if spec.kind != "imagenet":
-        val = fewshot.generate_fewshot(val, min(num_shots, 4), rng)
-    if spec.kind == "imagenet":
-      # ImageNet's val is its test list (CoOp passes val=test).
-      train, test = fewshot.subsample_classes(train, test, subsample=subsample)
-      val = test
-    else:
-      train, val, test = fewshot.subsample_classes(
-        train, val, test, subsample=subsample
-      )
-  elif subsample not in fewshot.SUBSAMPLE_CHOICES:
-    raise ValueError(f"subsample must be one of {fewshot.SUBSAMPLE_CHOICES}.")
-  out = {"train": list(train), "val": list(val), "test": list(test)}
-  # Every split must agree on the label -> name map, not only train.
-  fewshot.classnames_of(out["train"] + out["val"] + out["test"])
+  out = fewshot.dassl_protocol(
+    split,
+    num_shots,
+    seed,
+    subsample,
+    val_is_test=spec.kind == "imagenet",
+    test_only=spec.name in TEST_ONLY,
+  )
   if check_files and spec.kind in ("json", "fgvc"):
     # Folder-based datasets list existing files; only split files can be stale.
     _check_files_exist(out, spec)
-  return {"classnames": fewshot.classnames_of(out["train"]), **out}
+  return out

@@ -97,3 +97,54 @@ def classnames_of(items: Sequence[Item]) -> list[str]:
         f"{mapping[label]!r} and {name!r} (e.g. at {ref})."
       )
   return [mapping[label] for label in sorted(mapping)]
+
+
+def dassl_protocol(
+  split: dict[str, Sequence[Item]],
+  num_shots: int | None,
+  seed: int,
+  subsample: str = "all",
+  *,
+  val_is_test: bool = False,
+  test_only: bool = False,
+) -> dict[str, list]:
+  """Few-shot selection then class subsampling, in Dassl + CoOp's order.
+
+  Args:
+    split: full {"train", "val", "test"} lists in file order.
+    num_shots: images per label; None or < 1 keeps everything.
+    seed: `random.Random(seed)` draws train first, then val.
+    subsample: "all", "base" or "new".
+    val_is_test: ImageNet: only train is sampled, classes are subsampled on
+      (train, test) and val is the test list.
+    test_only: ImageNet-V2/-Sketch/-A/-R: returned unchanged.
+
+  Returns:
+    {"classnames", "train", "val", "test"}.
+
+  Raises:
+    ValueError: an invalid subsample, or a label with two class names.
+  """
+  if subsample not in SUBSAMPLE_CHOICES:
+    raise ValueError(
+      f"subsample must be one of {SUBSAMPLE_CHOICES}, got {subsample!r}."
+    )
+  train, val, test = split["train"], split["val"], split["test"]
+  if not test_only:
+    if num_shots is not None and num_shots >= 1:
+      rng = random.Random(seed)
+      train = generate_fewshot(train, num_shots, rng)
+      if not val_is_test:
+        val = generate_fewshot(val, min(num_shots, 4), rng)
+    if val_is_test:
+      # CoOp's ImageNet passes val=test and subsamples (train, test) only.
+      train, test = subsample_classes(train, test, subsample=subsample)
+      val = test
+    else:
+      train, val, test = subsample_classes(
+        train, val, test, subsample=subsample
+      )
+  out = {"train": list(train), "val": list(val), "test": list(test)}
+  # Every split must agree on the label -> name map, not only train.
+  classnames_of(out["train"] + out["val"] + out["test"])
+  return {"classnames": classnames_of(out["train"]), **out}
