@@ -63,6 +63,38 @@ def test_eval_preprocessing_matches_pil(tmp_path, shape):
   np.testing.assert_allclose(_denormalize(batch["image"][0]), ours, atol=1e-3)
 
 
+@pytest.mark.parametrize(
+  "in_shape,out_size,scale,translation",
+  [
+    ((375, 500), 224, (224 / 375, 298 / 500), (0.0, -37.0)),
+    (
+      (41, 97),
+      24,
+      (24 / 41, 56 / 97),
+      (0.0, -16.0),
+    ),  # size not a block multiple
+    ((20, 30), 48, (48 / 20, 48 / 30), (0.0, 0.0)),  # upsampling
+    ((300, 200), 33, (0.11, 0.165), (-1.5, 0.25)),
+  ],
+)
+def test_resampling_equals_tf_scale_and_translate(
+  in_shape, out_size, scale, translation
+):
+  rng = np.random.default_rng(0)
+  image = tf.constant(rng.integers(0, 256, in_shape + (3,)), tf.uint8)
+  ours = pp_ops._scale_translate(image, out_size, out_size, scale, translation)
+  ref = tf.raw_ops.ScaleAndTranslate(
+    images=tf.cast(image, tf.float32)[None],
+    size=[out_size, out_size],
+    scale=scale,
+    translation=translation,
+    kernel_type="keyscubic",
+    antialias=True,
+  )[0]
+  # Float32 sums in another order: differences of a few thousandths of a level.
+  np.testing.assert_allclose(ours.numpy(), ref.numpy(), atol=1e-2)
+
+
 def test_decode_matches_pil(tmp_path):
   rng = np.random.default_rng(0)
   path = str(tmp_path / "a.jpg")

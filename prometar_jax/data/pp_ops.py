@@ -10,10 +10,12 @@ All functions are pure TF ops on one image, usable eagerly or inside
   bicubic)` with its 10-try algorithm, driven by a stateless seed.
 - `random_flip`, `normalize` (ToTensor + Normalize with CLIP's mean/std).
 
-Resizing uses TF's antialiased Keys bicubic (a = -0.5), the kernel PIL uses;
-the result is rounded and clipped to [0, 255] as PIL's uint8 output is.
+Resizing uses antialiased Keys bicubic (a = -0.5), the kernel PIL uses, with
+the semantics of tf.image.resize(antialias=True); the result is rounded and
+clipped to [0, 255] as PIL's uint8 output is.
 """
 
+import numpy as np
 import tensorflow as tf
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -50,22 +52,79 @@ def _to_uint8_range(image: tf.Tensor) -> tf.Tensor:
   return tf.clip_by_value(tf.round(image), 0.0, 255.0)
 
 
+# Output rows (and columns) are resampled in blocks of this many: each block
+# reads one short window of input rows, so a resize is a few small dense
+# matmuls instead of one mostly-zero one. 16 was the fastest on 2-core CPUs.
+_BLOCK = 16
+
+
+def _keys_cubic(x):
+  # Keys' cubic convolution kernel with a = -0.5, as PIL and TF use.
+  x = tf.abs(x)
+  a = -0.5
+  near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+  far = (((x - 5.0) * x + 8.0) * x - 4.0) * a
+  return tf.where(x < 1.0, near, tf.where(x < 2.0, far, 0.0))
+
+
+def _block_weights(in_size, out_size, scale, translation):
+  """Antialiased bicubic weights of one axis, grouped in output blocks.
+
+  Output pixel i is centered at input coordinate (i + 0.5 - translation) /
+  scale; when downscaling the kernel is stretched by 1 / scale (antialias)
+  and the weights of in-range taps are normalized to sum to one, as PIL
+  and tf.image.resize(antialias=True) do.
+
+  Returns:
+    Input indices [n_blocks, span] (clamped into range) and weights
+    [n_blocks, _BLOCK, span]; rows past out_size are padding.
+  """
+  n_blocks = -(-out_size // _BLOCK)
+  inv = 1.0 / scale
+  stretch = tf.maximum(inv, 1.0)
+  support = 2.0 * stretch
+  i = tf.range(n_blocks * _BLOCK, dtype=tf.float32)
+  centers = tf.reshape((i + 0.5 - translation) * inv, [n_blocks, _BLOCK])
+  start = tf.cast(tf.floor(centers[:, 0] - support), tf.int32)
+  span = tf.cast(tf.math.ceil((_BLOCK - 1) * inv + 2.0 * support), tf.int32) + 2
+  j = start[:, None] + tf.range(span)[None, :]
+  pos = tf.cast(j, tf.float32)[:, None, :] + 0.5
+  w = _keys_cubic((pos - centers[:, :, None]) / stretch)
+  w = tf.where(((j >= 0) & (j < in_size))[:, None, :], w, 0.0)
+  # Like ScaleAndTranslate: no sample from outside the image (output 0).
+  in_f = tf.cast(in_size, tf.float32)
+  inside = (centers >= 0.0) & (centers <= in_f)
+  w = tf.where(inside[:, :, None], w, 0.0)
+  total = tf.reduce_sum(w, axis=-1, keepdims=True)
+  w = w / tf.where(total == 0.0, 1.0, total)
+  return tf.clip_by_value(j, 0, in_size - 1), w
+
+
 def _scale_translate(image, out_h, out_w, scale, translation):
   """Antialiased bicubic resampling of a uint8/float [H, W, 3] image.
 
-  Output pixel i samples input coordinate (i + 0.5 - translation) / scale -
-  0.5 per axis: tf.image.resize(antialias=True) is the special case
-  translation = 0, scale = out / in.
+  Output pixel (y, x) samples input coordinate ((y, x) + 0.5 - translation)
+  / scale - 0.5, the convention of tf.raw_ops.ScaleAndTranslate
+  (tf.image.resize(antialias=True) is translation = 0, scale = out / in),
+  whose results this reproduces to float rounding at about twice its speed.
+  Rows are resampled first (on the input columns the output needs), then
+  columns. out_h and out_w must be Python ints.
   """
-  out = tf.raw_ops.ScaleAndTranslate(
-    images=tf.cast(image, tf.float32)[None],
-    size=tf.stack([out_h, out_w]),
-    scale=scale,
-    translation=translation,
-    kernel_type="keyscubic",
-    antialias=True,
-  )
-  return out[0]
+  shape = tf.shape(image)
+  height, width = shape[0], shape[1]
+  rows, wy = _block_weights(height, out_h, scale[0], translation[0])
+  cols, wx = _block_weights(width, out_w, scale[1], translation[1])
+  c0 = tf.reduce_min(cols)
+  c1 = tf.reduce_max(cols) + 1
+  x = tf.cast(image[:, c0:c1], tf.float32)
+  n_cols = c1 - c0
+  x = tf.reshape(x, [height, n_cols * 3])
+  v = tf.matmul(wy, tf.gather(x, rows))  # [blocks, _BLOCK, n_cols * 3]
+  v = tf.reshape(v, [-1, n_cols, 3])[:out_h]
+  v = tf.reshape(tf.transpose(v, [1, 0, 2]), [n_cols, out_h * 3])
+  z = tf.matmul(wx, tf.gather(v, cols - c0))  # [blocks, _BLOCK, out_h * 3]
+  z = tf.reshape(z, [-1, out_h, 3])[:out_w]
+  return tf.transpose(z, [1, 0, 2])
 
 
 def resized_shape(height, width, size: int):
@@ -185,10 +244,18 @@ def random_flip(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
 
 
 def normalize(image: tf.Tensor) -> tf.Tensor:
-  """[0, 255] -> ToTensor (/255) then Normalize(CLIP_MEAN, CLIP_STD)."""
-  mean = tf.constant(CLIP_MEAN, tf.float32)
-  std = tf.constant(CLIP_STD, tf.float32)
-  return (tf.cast(image, tf.float32) / 255.0 - mean) / std
+  """[0, 255] -> ToTensor (/255) then Normalize(CLIP_MEAN, CLIP_STD).
+
+  Computed as x * a + b on rows of W * 3 values: TF's CPU kernels broadcast
+  a 3-vector over the innermost axis about three times slower.
+  """
+  std = np.asarray(CLIP_STD, np.float32)
+  scale = 1.0 / (255.0 * std)
+  offset = -np.asarray(CLIP_MEAN, np.float32) / std
+  shape = tf.shape(image)
+  rows = tf.reshape(tf.cast(image, tf.float32), [shape[0], shape[1] * 3])
+  rows = rows * tf.tile(scale, [shape[1]]) + tf.tile(offset, [shape[1]])
+  return tf.reshape(rows, shape)
 
 
 def example_seed(seed, epoch, index):
