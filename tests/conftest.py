@@ -136,6 +136,15 @@ def hf_clips(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_clip_with_tokenizer(tmp_path_factory):
+  """A tiny checkpoint folder with tokenizer files (SOT/EOT = 998/999)."""
+  folder = tmp_path_factory.mktemp("tiny_tok")
+  make_hf_clip(folder, TINY_CONFIGS["p8_quickgelu"], seed=7)
+  write_tiny_tokenizer(folder, VOCAB_SIZE - 2, VOCAB_SIZE - 1)
+  return str(folder)
+
+
+@pytest.fixture(scope="session")
 def reference():
   """The official one-step reference: (npz dict, json dict, tiny_hf dir)."""
   npz = REFERENCE_DIR / "tiny_reference.npz"
@@ -165,16 +174,17 @@ def _byte_level_alphabet():
   return chars
 
 
-def write_tiny_tokenizer(folder):
+def write_tiny_tokenizer(folder, sot_id=512, eot_id=513):
   """A byte-level CLIP BPE with no merges: enough for CLIPTokenizer to load.
 
-  Ids: 256 single bytes, 256 bytes + '</w>', then SOT and EOT.
+  Ids: 256 single bytes, 256 bytes + '</w>', then SOT and EOT (by default
+  512 and 513; the tiny checkpoints use VOCAB_SIZE - 2 and VOCAB_SIZE - 1).
   """
   chars = _byte_level_alphabet()
   vocab = {c: i for i, c in enumerate(chars)}
   vocab.update({c + "</w>": 256 + i for i, c in enumerate(chars)})
-  vocab["<|startoftext|>"] = 512
-  vocab["<|endoftext|>"] = 513
+  vocab["<|startoftext|>"] = sot_id
+  vocab["<|endoftext|>"] = eot_id
   os.makedirs(folder, exist_ok=True)
   with open(os.path.join(folder, "vocab.json"), "w") as f:
     json.dump(vocab, f)

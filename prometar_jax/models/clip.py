@@ -40,6 +40,11 @@ Array = jax.Array
 CONTEXT_LENGTH = 77
 
 
+def _at_least_f32(dtype):
+  """Numerically sensitive parts (LN, softmax) run in fp32, or fp64 if asked."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 # ---------------------------------------------------------------------------
 # Configuration
 # ---------------------------------------------------------------------------
@@ -128,7 +133,7 @@ class LayerNorm(nn.Module):
     d = x.shape[-1]
     scale = self.param("scale", nn.initializers.ones, (d,))
     bias = self.param("bias", nn.initializers.zeros, (d,))
-    x = x.astype(jnp.float32)
+    x = x.astype(_at_least_f32(x.dtype))
     mean = x.mean(-1, keepdims=True)
     var = jnp.square(x - mean).mean(-1, keepdims=True)
     y = (x - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
@@ -151,10 +156,11 @@ class Attention(nn.Module):
     q = split(dense(name="q_proj")(x)) * (d // h) ** -0.5
     k = split(dense(name="k_proj")(x))
     v = split(dense(name="v_proj")(x))
-    scores = jnp.einsum("nqhc,nkhc->nhqk", q, k).astype(jnp.float32)
+    scores = jnp.einsum("nqhc,nkhc->nhqk", q, k)
+    scores = scores.astype(_at_least_f32(scores.dtype))
     if self.causal:
       mask = jnp.tril(jnp.ones((length, length), bool))
-      scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+      scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
     out = jnp.einsum("nhqk,nkhc->nqhc", probs, v).reshape(n, length, d)
     return dense(name="out_proj")(out)
@@ -290,7 +296,7 @@ class TextTower(nn.Module):
     x = Encoder(tc, True, rows, self.remat, self.dtype, name="encoder")(
       x, deep, replace
     )
-    x = LayerNorm(tc.eps, jnp.float32, name="final_layer_norm")(x)
+    x = LayerNorm(tc.eps, _at_least_f32(self.dtype), name="final_layer_norm")(x)
     if self.cfg.eos_token_id == 2:
       # Legacy OpenAI configs: the EOT has the largest id.
       eot = jnp.argmax(token_ids, axis=-1)
@@ -348,7 +354,8 @@ class VisionTower(nn.Module):
     x = Encoder(vc, False, rows, self.remat, self.dtype, name="encoder")(
       x, deep, replace
     )
-    return LayerNorm(vc.eps, jnp.float32, name="post_layernorm")(x[:, 0])
+    out_dtype = _at_least_f32(self.dtype)
+    return LayerNorm(vc.eps, out_dtype, name="post_layernorm")(x[:, 0])
 
 
 class CLIPModule(nn.Module):
@@ -362,7 +369,10 @@ class CLIPModule(nn.Module):
     self.vision_model = VisionTower(self.cfg, self.remat, self.dtype)
     self.text_model = TextTower(self.cfg, self.remat, self.dtype)
     dense = functools.partial(
-      nn.Dense, self.cfg.projection_dim, use_bias=False, dtype=jnp.float32
+      nn.Dense,
+      self.cfg.projection_dim,
+      use_bias=False,
+      dtype=_at_least_f32(self.dtype),
     )
     self.visual_projection = dense()
     self.text_projection = dense()
@@ -432,6 +442,7 @@ def encode_text(
   )
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def init_params(cfg: ClipConfig, key: Array) -> PyTree:
   """Random parameters (for tests and shape checks)."""
   pixels = jnp.zeros((1, cfg.image_size, cfg.image_size, 3))
@@ -629,14 +640,24 @@ def read_state_dict(folder: str) -> dict[str, np.ndarray]:
   )
 
 
+@functools.partial(
+  jax.tree_util.register_dataclass,
+  data_fields=["params"],
+  meta_fields=["config", "folder", "dtype", "remat"],
+)
 @dataclasses.dataclass
 class CLIP:
-  """A loaded CLIP: config, parameters and bound convenience functions."""
+  """A loaded CLIP: config, parameters and bound convenience functions.
+
+  A pytree whose only leaves are `params`, so it can be passed to jitted
+  functions as an argument (config, dtype and remat stay static).
+  """
 
   config: ClipConfig
   params: PyTree
   folder: str | None = None
   dtype: Any = jnp.float32
+  remat: bool = False
 
   @property
   def logit_scale(self) -> Array:
@@ -645,32 +666,51 @@ class CLIP:
 
   def encode_image(self, pixels, prompts=None) -> Array:
     return encode_image(
-      self.params, pixels, prompts, cfg=self.config, dtype=self.dtype
+      self.params,
+      pixels,
+      prompts,
+      cfg=self.config,
+      dtype=self.dtype,
+      remat=self.remat,
     )
 
   def encode_text(self, token_ids, prompts=None) -> Array:
     return encode_text(
-      self.params, token_ids, prompts, cfg=self.config, dtype=self.dtype
+      self.params,
+      token_ids,
+      prompts,
+      cfg=self.config,
+      dtype=self.dtype,
+      remat=self.remat,
     )
 
-  @functools.cached_property
-  def tokenizer(self):
-    from transformers import CLIPTokenizer
+  def replace(self, **changes) -> CLIP:
+    """A copy with other fields (e.g. dtype=jnp.bfloat16, remat=True)."""
+    return dataclasses.replace(self, **changes)
 
-    if self.folder is None:
-      raise ValueError("this CLIP was not loaded from a folder: no tokenizer")
-    try:
-      return CLIPTokenizer.from_pretrained(self.folder)
-    except Exception as e:
-      raise FileNotFoundError(
-        f"{self.folder!r} has no usable tokenizer files (vocab.json and "
-        f"merges.txt, or tokenizer.json); copy them from the same hub "
-        f"checkpoint ({type(e).__name__}: {e})."
-      ) from e
+  @property
+  def tokenizer(self):
+    return _tokenizer(self.folder)
 
   def tokenize(self, texts: Sequence[str]) -> np.ndarray:
     """[N, 77] int32 ids: SOT, text, EOT, padded and truncated to 77."""
     return tokenize(self.tokenizer, texts, self.config.context_length)
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer(folder: str | None):
+  from transformers import CLIPTokenizer
+
+  if folder is None:
+    raise ValueError("this CLIP was not loaded from a folder: no tokenizer")
+  try:
+    return CLIPTokenizer.from_pretrained(folder)
+  except Exception as e:
+    raise FileNotFoundError(
+      f"{folder!r} has no usable tokenizer files (vocab.json and "
+      f"merges.txt, or tokenizer.json); copy them from the same hub "
+      f"checkpoint ({type(e).__name__}: {e})."
+    ) from e
 
 
 def tokenize(tokenizer, texts: Sequence[str], length: int = 77) -> np.ndarray:
@@ -689,6 +729,7 @@ def load(
   *,
   dtype=jnp.float32,
   image_size: int | None = None,
+  remat: bool = False,
 ) -> CLIP:
   """Loads a Hugging Face CLIP checkpoint (folder or hub id) without torch.
 
@@ -699,6 +740,7 @@ def load(
     dtype: compute dtype (parameters stay float32); jnp.bfloat16 for speed.
     image_size: optional other input resolution; the positional embedding is
       interpolated bicubically.
+    remat: rematerialize transformer blocks in the backward pass (memory).
 
   Returns:
     A `CLIP` with `config`, `params`, `encode_image`, `encode_text`,
@@ -710,5 +752,8 @@ def load(
   if image_size is not None and image_size != cfg.image_size:
     params = interpolate_position_embedding(params, cfg, image_size)
     cfg = dataclasses.replace(cfg, image_size=image_size)
-  params = jax.tree.map(jnp.asarray, params)
-  return CLIP(cfg, params, folder, dtype)
+  # fp32 parameters, unless the whole computation is asked for in fp64
+  # (finite-difference checks, reference replays; needs jax_enable_x64).
+  param_dtype = jnp.float64 if dtype == jnp.float64 else jnp.float32
+  params = jax.tree.map(lambda x: jnp.asarray(x, param_dtype), params)
+  return CLIP(cfg, params, folder, dtype, remat)

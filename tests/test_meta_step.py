@@ -1,0 +1,449 @@
+"""The ProMetaR step: golden replay, second order, masks, compilation."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+from prometar_jax import gradnet as gradnet_lib
+from prometar_jax import meta_step, testing
+from prometar_jax import prompt_learners as pl
+from prometar_jax.models import clip as clip_lib
+
+TINY = clip_lib.ClipConfig(
+  vision=clip_lib.TowerConfig(width=32, layers=2, heads=2, mlp_dim=64),
+  text=clip_lib.TowerConfig(width=32, layers=2, heads=2, mlp_dim=64),
+  projection_dim=16,
+  image_size=16,
+  patch_size=8,
+  vocab_size=100,
+  eos_token_id=99,
+)
+N_CLS, LENGTH = 5, 10
+# Compiled once per test instead of dispatched op by op (much faster).
+meta_gradients = jax.jit(meta_step.meta_gradients, static_argnames="spec")
+task_and_reg_grads = jax.jit(
+  meta_step.task_and_reg_grads, static_argnames="spec"
+)
+
+
+@functools.lru_cache(maxsize=4)
+def tiny_clip(dtype=jnp.float32, seed=0):
+  params = clip_lib.init_params(TINY, jax.random.key(seed))
+  # Break the constant LayerNorm / bias init (it would hide layout bugs).
+  rng = np.random.default_rng(seed)
+  params = jax.tree.map(
+    lambda x: np.asarray(x) + 0.05 * rng.normal(size=x.shape), params
+  )
+  params["logit_scale"] = np.log(100.0)
+  params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
+  return clip_lib.CLIP(TINY, params, dtype=dtype)
+
+
+def class_feats(clip, rng, dtype=jnp.float32):
+  ids = np.zeros((N_CLS, LENGTH), np.int32)
+  for c in range(N_CLS):
+    k = 5 + c % 3
+    ids[c, 0] = 98
+    ids[c, 1:k] = rng.integers(1, 90, k - 1)
+    ids[c, k] = 99
+  teacher = clip_lib.normalize(jnp.asarray(rng.normal(size=(N_CLS, 16)), dtype))
+  return {
+    "token_ids": jnp.asarray(ids),
+    "teacher": teacher,
+    "class_mask": jnp.ones((N_CLS,), bool),
+  }
+
+
+def setup(dtype=jnp.float32, labels=(1, 3, 1, 4), first_order=False, seed=0):
+  clip = tiny_clip(dtype, seed)
+  rng = np.random.default_rng(seed)
+  feats = class_feats(clip, rng, dtype)
+  prompt_cfg = pl.PromptConfig(
+    kind="ivlp", n_ctx_text=2, n_ctx_vision=3, depth_text=2, depth_vision=1
+  )
+  meta = meta_step.MetaConfig(first_order=first_order, dim_rate=8)
+  spec = meta_step.StepSpec(prompt_cfg, meta)
+  prompts = {
+    "text": jnp.asarray(rng.normal(0, 0.3, (2, 2, 32)), dtype),
+    "vision": jnp.asarray(rng.normal(0, 0.3, (1, 3, 32)), dtype),
+  }
+  state = meta_step.init_state(jax.random.key(seed), prompts, spec)
+  # Big enough gradnet weights that gamma is far from 0.5 and matters.
+  state = state.replace(
+    gradnet=jax.tree.map(lambda w: jnp.asarray(w * 30, dtype), state.gradnet)
+  )
+  images = jnp.asarray(rng.normal(size=(len(labels), 16, 16, 3)), dtype)
+  batch = {"image": images, "label": jnp.asarray(labels, jnp.int32)}
+  return clip, feats, spec, state, batch
+
+
+def fixed_task(labels, query_class, lam, partner):
+  labels = np.asarray(labels)
+  q = labels == query_class
+  return {
+    "query": jnp.asarray(q),
+    "support": jnp.asarray(~q),
+    "lam": jnp.asarray(lam, jnp.float32),
+    "partner": jnp.asarray(partner, jnp.int32),
+    "valid": jnp.asarray(bool((~q).any())),
+  }
+
+
+# ---------------------------------------------------------------------------
+# Golden test against the official step
+# ---------------------------------------------------------------------------
+
+
+def test_replay_matches_official_step(reference):
+  arrays, _, hf_dir = reference
+  from conftest import REFERENCE_DIR
+
+  npz_path = str(REFERENCE_DIR / "tiny_reference.npz")
+  out = testing.replay_official_step(npz_path, hf_dir)
+  groups = ("stage1", "inner", "query", "meta", "after")
+  wanted = [k for k in arrays if k.split("/")[0] in groups]
+  assert sorted(k for k in out if k in arrays) == sorted(wanted)
+  worst = {}
+  for k in wanted:
+    assert out[k].shape == arrays[k].shape, k
+    ref = arrays[k].astype(np.float64)
+    err = np.abs(out[k] - ref).max() / max(np.abs(ref).max(), 1e-30)
+    group = "/".join(k.split("/")[:2])
+    worst[group] = max(worst.get(group, 0.0), err)
+  bad = {g: e for g, e in worst.items() if not e < 1e-5}
+  assert not bad, bad
+  # The meta gradient is tested directly: after/* hardly depends on it.
+  for k in wanted:
+    if k.startswith("meta/"):
+      assert np.abs(out[k]).max() > 0, k
+
+
+# ---------------------------------------------------------------------------
+# Second order, first order, masks
+# ---------------------------------------------------------------------------
+
+
+def test_meta_gradient_matches_finite_differences_float64():
+  with jax.enable_x64(True):
+    clip, feats, spec, state, batch = setup(jnp.float64)
+    # A large inner step makes the second-order term visible in the check.
+    spec = dataclasses.replace(
+      spec, meta=dataclasses.replace(spec.meta, adapt_lr=0.5, lr_ratio=1.0)
+    )
+    task = fixed_task(batch["label"], 1, [0.3, 0, 0.8, 0], [3, 0, 1, 0])
+    task["lam"] = task["lam"].astype(jnp.float64)
+    v0 = meta_step.frozen_image_features(clip, batch["image"])
+    args = (clip, feats, batch["image"], batch["label"], v0, task, spec)
+
+    @jax.jit
+    def loss(theta, gnet):
+      return meta_step.meta_loss(theta, gnet, *args)[0]
+
+    theta, gnet = state.prompts, state.gradnet
+    _, _, g_theta, g_phi = meta_gradients(theta, gnet, *args)
+    rng = np.random.default_rng(0)
+    eps = 1e-5
+    for _ in range(3):
+      d_t = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape)), theta)
+      d_p = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape)), gnet)
+      plus = loss(
+        jax.tree.map(lambda x, d: x + eps * d, theta, d_t),
+        jax.tree.map(lambda x, d: x + eps * d, gnet, d_p),
+      )
+      minus = loss(
+        jax.tree.map(lambda x, d: x - eps * d, theta, d_t),
+        jax.tree.map(lambda x, d: x - eps * d, gnet, d_p),
+      )
+      fd = (plus - minus) / (2 * eps)
+      dot = lambda a, b: sum(  # noqa: E731
+        jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+      )
+      analytic = dot(g_theta, d_t) + dot(g_phi, d_p)
+      np.testing.assert_allclose(analytic, fd, rtol=1e-6)
+    # The first-order gradient is measurably different: second order matters.
+    spec_fo = dataclasses.replace(
+      spec, meta=dataclasses.replace(spec.meta, first_order=True)
+    )
+    args_fo = args[:-1] + (spec_fo,)
+    _, _, g_fo, _ = meta_gradients(theta, gnet, *args_fo)
+    diff = jax.tree.map(lambda a, b: jnp.abs(a - b).max(), g_theta, g_fo)
+    assert max(jax.tree.leaves(diff)) > 1e-6
+
+
+def test_first_order_equals_explicit_stop_gradient():
+  clip, feats, spec, state, batch = setup(first_order=True)
+  task = fixed_task(batch["label"], 3, [0, 0.6, 0, 0], [0, 0, 0, 0])
+  v0 = meta_step.frozen_image_features(clip, batch["image"])
+  theta, gnet = state.prompts, state.gradnet
+  args = (clip, feats, batch["image"], batch["label"], v0, task, spec)
+  _, _, g_theta, g_phi = meta_gradients(theta, gnet, *args)
+
+  # Explicit: the inner gradients are constants computed beforehand.
+  g_ce, g_reg, _ = task_and_reg_grads(
+    theta,
+    clip,
+    feats,
+    batch["image"],
+    batch["label"],
+    v0,
+    task["support"],
+    spec,
+  )
+
+  def explicit(theta, gnet):
+    gam = {k: gradnet_lib.gamma(gnet[k], g_ce[k], g_reg[k]) for k in theta}
+    adapted = {
+      k: theta[k] - spec.meta.adapt_lr * (g_ce[k] + gam[k] * g_reg[k])
+      for k in theta
+    }
+    loss, _ = meta_step.query_loss(
+      adapted, clip, feats, batch["image"], batch["label"], task, spec
+    )
+    return spec.meta.lr_ratio * loss
+
+  e_theta, e_phi = jax.jit(jax.grad(explicit, argnums=(0, 1)))(theta, gnet)
+  # float32 rounding: compare relative to each tensor's largest entry.
+  for a, b in zip(
+    jax.tree.leaves((g_theta, g_phi)), jax.tree.leaves((e_theta, e_phi))
+  ):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())
+  # phi still learns in first-order mode.
+  assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g_phi)) > 0
+
+
+def test_masked_computation_equals_slicing():
+  clip, feats, spec, state, batch = setup(labels=(0, 2, 2, 4, 1, 2))
+  images, labels = batch["image"], batch["label"]
+  theta = state.prompts
+  v0 = meta_step.frozen_image_features(clip, images)
+  support = np.array([True, False, False, True, True, False])
+  idx = np.flatnonzero(support)
+  (ce_m, reg_m), _ = meta_step.forward(
+    theta, clip, feats, images, labels, v0, jnp.asarray(support), spec
+  )
+  (ce_s, reg_s), _ = meta_step.forward(
+    theta,
+    clip,
+    feats,
+    images[idx],
+    labels[idx],
+    v0[idx],
+    jnp.ones(len(idx), bool),
+    spec,
+  )
+  np.testing.assert_allclose(ce_m, ce_s, rtol=1e-6)
+  np.testing.assert_allclose(reg_m, reg_s, rtol=1e-6)
+  # Query loss: the official way, with explicit query / support tensors.
+  query = ~support
+  lam = np.array([0.0, 0.7, 0.2, 0.0, 0.0, 0.9], np.float32)
+  partner = np.array([0, 4, 0, 0, 0, 3])
+  task = {
+    "query": jnp.asarray(query),
+    "support": jnp.asarray(support),
+    "lam": jnp.asarray(lam),
+    "partner": jnp.asarray(partner),
+    "valid": jnp.asarray(True),
+  }
+  got, _ = meta_step.query_loss(theta, clip, feats, images, labels, task, spec)
+  q_ids = np.flatnonzero(query)
+  text, img_q = pl.encode(
+    theta, clip, feats["token_ids"], images[q_ids], spec.prompt
+  )
+  _, img_s = pl.encode(
+    theta, clip, feats["token_ids"], images[idx], spec.prompt
+  )
+  mix_ids = np.searchsorted(idx, partner[q_ids])
+  lq = lam[q_ids][:, None]
+  mixed = lq * np.asarray(img_q) + (1 - lq) * np.asarray(img_s)[mix_ids]
+  logits = np.asarray(
+    clip.logit_scale
+    * clip_lib.normalize(mixed)
+    @ np.asarray(clip_lib.normalize(text)).T
+  )
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  y_a = np.asarray(labels)[q_ids]
+  y_b = np.asarray(labels)[idx][mix_ids]
+  rows = np.arange(len(q_ids))
+  want = np.mean(
+    -lam[q_ids] * logp[rows, y_a] - (1 - lam[q_ids]) * logp[rows, y_b]
+  )
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# The jitted step
+# ---------------------------------------------------------------------------
+
+
+def test_single_class_batch_skips_meta_part():
+  clip, feats, spec, state, batch = setup(labels=(2, 2, 2, 2))
+  step = meta_step.make_train_step(spec, donate=False)
+  new, metrics = step(state, clip, feats, batch, 0.01, 0.01)
+  assert float(metrics["meta_valid"]) == 0.0
+  assert float(metrics["loss_meta"]) == 0.0
+  for a, b in zip(jax.tree.leaves(new.gradnet), jax.tree.leaves(state.gradnet)):
+    np.testing.assert_array_equal(a, b)
+  # The prompts took exactly the stage-1 step.
+  plain = dataclasses.replace(
+    spec, meta=dataclasses.replace(spec.meta, mode="prometar")
+  )
+  v0 = meta_step.frozen_image_features(clip, batch["image"])
+  g_ce, g_reg, _ = task_and_reg_grads(
+    state.prompts,
+    clip,
+    feats,
+    batch["image"],
+    batch["label"],
+    v0,
+    jnp.ones(4, bool),
+    plain,
+  )
+  direction, _ = meta_step.combine(state.gradnet, g_ce, g_reg, plain.meta)
+  want, _ = meta_step.sgd_update(
+    meta_step.prompt_tx(plain.meta),
+    direction,
+    state.opt_prompts,
+    state.prompts,
+    0.01,
+  )
+  for a, b in zip(jax.tree.leaves(new.prompts), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  # Two classes: the meta part runs and moves the gradnet.
+  batch2 = dict(batch, label=jnp.asarray([2, 2, 0, 2], jnp.int32))
+  new2, metrics2 = step(state, clip, feats, batch2, 0.01, 0.01)
+  assert float(metrics2["meta_valid"]) == 1.0
+  moved = [
+    float(jnp.abs(a - b).max())
+    for a, b in zip(
+      jax.tree.leaves(new2.gradnet), jax.tree.leaves(state.gradnet)
+    )
+  ]
+  assert max(moved) > 0
+
+
+def test_step_compiles_once_for_every_label_pattern():
+  clip, feats, spec, state, batch = setup()
+  traces = []
+
+  def counted(*args, **kw):
+    traces.append(1)
+    return meta_step.train_step(*args, **kw)
+
+  step = jax.jit(functools.partial(counted, spec=spec))
+  for labels in ([1, 3, 1, 4], [2, 2, 2, 2], [0, 1, 2, 3], [4, 4, 0, 0]):
+    b = dict(batch, label=jnp.asarray(labels, jnp.int32))
+    state, metrics = step(state, clip, feats, b, 0.002, 1e-6)
+    assert np.isfinite(float(metrics["loss_ce"]))
+  assert len(traces) == 1
+
+
+def test_sample_task_rules():
+  labels = jnp.asarray([1, 3, 1, 4, 3, 3])
+  seen = set()
+  for i in range(60):
+    t = meta_step.sample_task(jax.random.key(i), labels, 0.5, 0.5)
+    q = np.asarray(t["query"])
+    cls = set(np.asarray(labels)[q].tolist())
+    assert len(cls) == 1 and (np.asarray(labels)[~q] != cls.pop()).all()
+    seen.add(int(np.asarray(labels)[q][0]))
+    support = np.asarray(t["support"])
+    assert support[np.asarray(t["partner"])[q]].all()
+    lam = np.asarray(t["lam"])
+    assert ((lam > 0) & (lam < 1)).all()
+    assert bool(t["valid"])
+  assert seen == {1, 3, 4}  # uniform over classes, not samples: all appear
+  single = meta_step.sample_task(
+    jax.random.key(0), jnp.asarray([2, 2]), 0.5, 0.5
+  )
+  assert not bool(single["valid"])
+
+
+def test_sgd_equals_torch_sgd():
+  rng = np.random.default_rng(0)
+  p0 = rng.normal(size=(3, 4)).astype(np.float32)
+  grads = [rng.normal(size=(3, 4)).astype(np.float32) for _ in range(3)]
+  tp = torch.nn.Parameter(torch.from_numpy(p0.copy()))
+  opt = torch.optim.SGD([tp], lr=0.1, momentum=0.9, weight_decay=5e-4)
+  tx = meta_step.sgd(0.9, 5e-4)
+  p, state = jnp.asarray(p0), tx.init(jnp.asarray(p0))
+  for g in grads:
+    tp.grad = torch.from_numpy(g)
+    opt.step()
+    p, state = meta_step.sgd_update(tx, jnp.asarray(g), state, p, 0.1)
+  np.testing.assert_allclose(p, tp.detach().numpy(), rtol=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------
+# Gradnet
+# ---------------------------------------------------------------------------
+
+
+def test_gamma_layout_equals_torch_repeat_interleave():
+  rng = np.random.default_rng(0)
+  n_ctx, d, rate = 2, 16, 8
+  w = gradnet_lib.init_gradnet(jax.random.key(0), {"text": (1, n_ctx, d)}, rate)
+  g_ce = rng.normal(size=(1, n_ctx, d)).astype(np.float32)
+  g_reg = rng.normal(size=(1, n_ctx, d)).astype(np.float32)
+  got = gradnet_lib.gamma(w["text"], g_ce, g_reg)[0]
+  w1 = torch.from_numpy(np.asarray(w["text"]["w1"][0]).T.copy())
+  w2 = torch.from_numpy(np.asarray(w["text"]["w2"][0]).T.copy())
+  x = torch.cat([torch.from_numpy(g_ce[0]), torch.from_numpy(g_reg[0])], 0)
+  h = torch.nn.functional.linear(
+    torch.nn.functional.linear(x.reshape(1, -1), w1), w2
+  )
+  want = torch.sigmoid(h).repeat_interleave(rate, -1).reshape(n_ctx, d)
+  np.testing.assert_allclose(got, want.numpy(), rtol=1e-6)
+
+
+def test_gradnet_size_and_shapes_for_vit_b16():
+  cfg = clip_lib.ClipConfig(
+    vision=clip_lib.TowerConfig(768, 12, 12, 3072),
+    text=clip_lib.TowerConfig(512, 12, 8, 2048),
+    projection_dim=512,
+    image_size=224,
+    patch_size=16,
+  )
+  shapes = {"text": (9, 4, 512), "vision": (9, 4, 768)}
+  gnet = jax.eval_shape(
+    functools.partial(
+      gradnet_lib.init_gradnet, prompt_shapes=shapes, dim_rate=8
+    ),
+    jax.random.key(0),
+  )
+  assert gradnet_lib.count_params(gnet) == 32_587_776
+  assert gnet["vision"]["w1"].shape == (9, 6144, 384)
+  assert gnet["text"]["w2"].shape == (9, 256, 256)
+  # The whole step traces at ViT-B/16 shapes (abstractly, no compute).
+  clip = jax.eval_shape(
+    lambda k: clip_lib.CLIP(cfg, clip_lib.init_params(cfg, k)),
+    jax.random.key(0),
+  )
+  spec = meta_step.StepSpec(pl.PromptConfig(), meta_step.MetaConfig())
+  prompts = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in shapes.items()}
+  state = jax.eval_shape(
+    lambda p: meta_step.init_state(jax.random.key(0), p, spec), prompts
+  )
+  feats = {
+    "token_ids": jax.ShapeDtypeStruct((10, 77), jnp.int32),
+    "teacher": jax.ShapeDtypeStruct((10, 512), jnp.float32),
+    "class_mask": jax.ShapeDtypeStruct((10,), bool),
+  }
+  batch = {
+    "image": jax.ShapeDtypeStruct((4, 224, 224, 3), jnp.float32),
+    "label": jax.ShapeDtypeStruct((4,), jnp.int32),
+  }
+  new, metrics = jax.eval_shape(
+    functools.partial(meta_step.train_step, spec=spec),
+    state,
+    clip,
+    feats,
+    batch,
+    0.0025,
+    1e-6,
+  )
+  assert new.prompts["vision"].shape == (9, 4, 768)
+  assert metrics["gamma_text_mean"].shape == (9,)
