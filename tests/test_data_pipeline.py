@@ -37,12 +37,17 @@ def _denormalize(x):
 
 
 @pytest.fixture(scope="module")
-def eurosat(tmp_path_factory):
+def eurosat_root(tmp_path_factory):
   root = tmp_path_factory.mktemp("pipe")
   synthetic.make_coop_dataset(
     "eurosat", root, num_classes=5, per_class=(6, 2, 3), image_size=(36, 44)
   )
-  return data.fewshot_split("eurosat", root, 4, 1, "all")
+  return str(root)
+
+
+@pytest.fixture(scope="module")
+def eurosat(eurosat_root):
+  return data.fewshot_split("eurosat", eurosat_root, 4, 1, "all")
 
 
 @pytest.mark.parametrize(
@@ -311,3 +316,60 @@ def test_to_global_single_process(eurosat):
   np.testing.assert_array_equal(np.asarray(out["mask"]), [1, 1, 1, 0])
   assert out["image"].sharding == sharding
   assert os.path.isabs(pipe.refs[0])
+
+
+_TWO_PROCESS_SCRIPT = r"""
+import sys
+import jax
+import numpy as np
+
+port, pid, root = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid)
+from jax.experimental import multihost_utils
+from prometar_jax import data
+
+split = data.fewshot_split("eurosat", root, 4, 1, "all")
+mesh = jax.make_mesh((2,), ("data",))
+sharding = jax.NamedSharding(mesh, jax.P("data"))
+args = dict(process_index=jax.process_index(), process_count=2)
+train = data.make_train_dataset(split["train"], 4, 3, 16, **args)
+whole = data.make_train_dataset(split["train"], 4, 3, 16)
+for local, ref in zip(train.iterate_epoch(1), whole.iterate_epoch(1)):
+  batch = data.to_global(local, sharding)
+  assert batch["image"].shape == (4, 16, 16, 3), batch["image"].shape
+  got = multihost_utils.process_allgather(batch, tiled=True)
+  np.testing.assert_array_equal(got["image"], ref["image"])
+  np.testing.assert_array_equal(got["label"], ref["label"])
+total = 0
+for local in data.make_eval_dataset(split["test"], 4, 16, **args):
+  batch = data.to_global(local, sharding)
+  total += int(jax.jit(lambda b: ((b["label"] + 1) * b["mask"]).sum())(batch))
+assert total == sum(y + 1 for _, y, _ in split["test"]), total
+print("OK", pid)
+"""
+
+
+def test_to_global_two_processes(tmp_path, eurosat_root):
+  # Two real JAX processes (CPU, gloo) each feed their part of every batch.
+  import socket
+  import subprocess
+  import sys
+
+  script = tmp_path / "two_proc.py"
+  script.write_text(_TWO_PROCESS_SCRIPT)
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu")
+  procs = [
+    subprocess.Popen(
+      [sys.executable, str(script), str(port), str(i), eurosat_root],
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      env=env,
+    )
+    for i in range(2)
+  ]
+  outs = [p.communicate(timeout=240)[0].decode() for p in procs]
+  for i, (p, out) in enumerate(zip(procs, outs)):
+    assert p.returncode == 0 and f"OK {i}" in out, out[-3000:]
