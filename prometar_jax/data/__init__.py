@@ -46,6 +46,7 @@ from prometar_jax.data.tfds_coop import (
   TfdsSource,
   build_tfds,
   load_tfds,
+  make_builder,
 )
 
 __all__ = [
@@ -62,6 +63,7 @@ __all__ = [
   "get_spec",
   "ImageReadError",
   "load_tfds",
+  "make_builder",
   "make_eval_dataset",
   "make_train_dataset",
   "read_splits",

@@ -13,8 +13,7 @@ quick experiments where the official files are not at hand.
     train = make_train_dataset(split["train"], 4, 1, source=source)
 
 The datasets must be prepared in ArrayRecord format, which allows random
-access (`tfds build eurosat --file_format=array_record`, or
-`tfds.builder(name, file_format="array_record").download_and_prepare()`).
+access: `tfds.builder(name, file_format="array_record").download_and_prepare()`.
 Item refs are "<tfds name>:<split>:<record index>". Few-shot selection and
 class subsampling follow Dassl exactly on the record order
 (`fewshot.dassl_protocol`).
@@ -22,7 +21,6 @@ class subsampling follow Dassl exactly on the record order
 
 import dataclasses
 import io
-import os
 
 import numpy as np
 import tensorflow as tf
@@ -162,8 +160,9 @@ def _open_sources(spec, data_dir):
   except Exception as e:
     raise FileNotFoundError(
       f"TFDS dataset {spec.tfds_name} is not prepared in ArrayRecord format "
-      f"in {data_dir or '~/tensorflow_datasets'}: run `tfds build "
-      f"{spec.tfds_name} --file_format=array_record` (see docs/datasets.md)."
+      f"in {data_dir or '~/tensorflow_datasets'}: run tfds.builder("
+      f"{spec.tfds_name!r}, file_format='array_record').download_and_prepare()"
+      " (see docs/datasets.md)."
     ) from e
   return dict(zip(base_splits, sources))
 
@@ -299,10 +298,3 @@ class CatalogSource:
 
   def read_py(self, ref):
     return self._fetch(self._key(ref))
-
-
-def default_data_dir() -> str:
-  """Where TFDS looks when data_dir is None."""
-  return os.environ.get(
-    "TFDS_DATA_DIR", os.path.expanduser("~/tensorflow_datasets")
-  )
