@@ -252,19 +252,25 @@ def _listdir_nohidden(path: str) -> list[str]:
   return [f for f in os.listdir(path) if not f.startswith(".")]
 
 
-def _read_lines(path: str, spec: DatasetSpec, what: str) -> list[str]:
+def _read_lines(
+  path: str, spec: DatasetSpec, what: str, keep_blank: bool = False
+) -> list[str]:
+  # Stripped lines, as CoOp's readers use them. Blank lines only count where
+  # CoOp would count them (a line index is a label in variants.txt).
   if not os.path.isfile(path):
     raise _missing(what, path, spec)
   with open(path) as f:
-    return [line.strip() for line in f if line.strip()]
+    return [line.strip() for line in f if keep_blank or line.strip()]
 
 
 def read_imagenet_classnames(path: str, spec: DatasetSpec) -> dict[str, str]:
   """`classnames.txt`: lines `<wnid> <class name>` -> ordered {wnid: name}."""
   names = {}
   for line in _read_lines(path, spec, "classnames.txt"):
+    # CoOp: split(" "), first word = wnid, the rest joined by " " (kept as
+    # is, even with doubled spaces).
     folder, _, classname = line.partition(" ")
-    names[folder] = classname.strip()
+    names[folder] = classname
   return names
 
 
@@ -331,7 +337,7 @@ def _read_imagenet_folder(
 
 def _read_fgvc(spec: DatasetSpec, ddir: str) -> dict[str, list[Item]]:
   variants = _read_lines(
-    os.path.join(ddir, "variants.txt"), spec, "variants.txt"
+    os.path.join(ddir, "variants.txt"), spec, "variants.txt", keep_blank=True
   )
   cname2lab = {c: i for i, c in enumerate(variants)}
   out = {}

@@ -93,6 +93,16 @@ def _check_processes(batch_size, process_index, process_count):
   return batch_size // process_count
 
 
+def _with_options(ds: tf.data.Dataset) -> tf.data.Dataset:
+  options = tf.data.Options()
+  # Parallelism comes from the parallel map; ops inside one map call (the
+  # resize matmuls) stay on its thread instead of contending for the
+  # intra-op pool (big_vision sets the same).
+  options.threading.max_intra_op_parallelism = 1
+  options.deterministic = True
+  return ds.with_options(options)
+
+
 def _find_broken(source, refs, candidates):
   """The first candidate ref that cannot be read and decoded, with reason."""
   for ref in candidates:
@@ -126,7 +136,7 @@ def _iterate(ds, source, refs, local_idx, local_batch):
     yield batch
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class TrainPipeline:
   """Epoch-wise shuffled, augmented training batches for one process.
 
@@ -198,7 +208,7 @@ class TrainPipeline:
     ds = tf.data.Dataset.from_tensor_slices((keys[idx], self.labels[idx], idx))
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(self.local_batch_size, drop_remainder=True)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    return _with_options(ds.prefetch(tf.data.AUTOTUNE))
 
   def iterate_epoch(
     self, epoch: int, start_step: int = 0
@@ -256,7 +266,7 @@ def make_train_dataset(
   )
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class EvalPipeline:
   """Ordered, padded evaluation batches for one process."""
 
@@ -313,7 +323,7 @@ class EvalPipeline:
     }
     ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat(n_pad))
     ds = ds.batch(self.local_batch_size, drop_remainder=True)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    return _with_options(ds.prefetch(tf.data.AUTOTUNE))
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
     """Yields {"image", "label", "mask"} numpy batches, in item order."""
