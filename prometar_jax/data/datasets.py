@@ -209,7 +209,9 @@ _LAYOUT_HINT = {
     " and {dirname}/images/<id>.jpg"
   ),
   "imagenetv2": "{dirname}/classnames.txt and {dirname}/{image_dir}/<0..999>/*",
-  "imagenet_folders": "{dirname}/classnames.txt and {dirname}/{image_dir}/<wnid>/*",
+  "imagenet_folders": (
+    "{dirname}/classnames.txt and {dirname}/{image_dir}/<wnid>/*"
+  ),
 }
 # Dassl reads these folders but skips this file (imagenet_a.py, imagenet_r.py).
 _IGNORED_ENTRIES = ("README.txt",)

@@ -103,7 +103,7 @@ def _with_options(ds: tf.data.Dataset) -> tf.data.Dataset:
   return ds.with_options(options)
 
 
-def _find_broken(source, refs, candidates):
+def _find_broken(source, candidates):
   """The first candidate ref that cannot be read and decoded, with reason."""
   for ref in candidates:
     try:
@@ -124,11 +124,12 @@ def _iterate(ds, source, refs, local_idx, local_batch):
     except StopIteration:
       return
     except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as e:
-      # tf.data reports errors in element order: the broken image is in
-      # batch k, or later if prefetching got ahead of us.
+      # Deterministic tf.data reports an element's error at its place in
+      # the order: the broken image is in batch k (later ones are checked
+      # too, in case).
       start = k * local_batch
       candidates = [refs[i] for i in local_idx[start:] if i >= 0]
-      found = _find_broken(source, refs, candidates)
+      found = _find_broken(source, candidates)
       if found is None:
         raise
       raise ImageReadError(f"Cannot read image {found[0]}: {found[1]}") from e
