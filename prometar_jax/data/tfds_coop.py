@@ -172,8 +172,10 @@ class TfdsSource:
     for s_id, split in enumerate(splits):
       for i, rel in enumerate(file_names[split]):
         index.setdefault(os.path.join(ddir, rel), (s_id << _SPLIT_SHIFT) | i)
+    # Raw serialized records: parsing them in-graph (read) keeps the work
+    # under tf.data's threads instead of Python's GIL.
     sources = builder.as_data_source(
-      split=splits, decoders={"image": tfds.decode.SkipDecoding()}
+      split=splits, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES
     )
     # Frozen dataclass: derived lookup tables are set once, here.
     object.__setattr__(self, "_index", index)
@@ -190,13 +192,18 @@ class TfdsSource:
 
   def _fetch(self, key):
     key = int(key)
-    record = self._sources[key >> _SPLIT_SHIFT][key & ((1 << _SPLIT_SHIFT) - 1)]
-    return record["image"]
+    return self._sources[key >> _SPLIT_SHIFT][key & ((1 << _SPLIT_SHIFT) - 1)]
 
   def read(self, key):
-    data = tf.numpy_function(self._fetch, [key], tf.string, stateful=False)
-    data.set_shape([])
-    return data
+    record = tf.numpy_function(self._fetch, [key], tf.string, stateful=False)
+    record.set_shape([])
+    return _parse_image(record)
 
   def read_py(self, ref):
-    return self._fetch(self.keys([ref])[0])
+    return _parse_image(self._fetch(self.keys([ref])[0])).numpy()
+
+
+def _parse_image(record):
+  # TFDS stores each example as a tf.train.Example; "image" holds the bytes.
+  spec = {"image": tf.io.FixedLenFeature([], tf.string)}
+  return tf.io.parse_single_example(record, spec)["image"]
