@@ -44,6 +44,21 @@ def test_builder_records_follow_split_lists(built):
   assert list(meta) == ["train", "val", "test"]
 
 
+def test_records_dataset(built):
+  root, data_dir, _ = built
+  lists = datasets.read_splits("eurosat", datasets.dataset_dir("eurosat", root))
+  records = list(tfds_coop.records_dataset("eurosat", data_dir, "val"))
+  assert len(records) == len(lists["val"])
+  for i, (record, (path, label, classname)) in enumerate(
+    zip(records, lists["val"])
+  ):
+    assert int(record["index"]) == i and int(record["label"]) == label
+    assert record["classname"].numpy().decode() == classname
+    assert path.endswith(record["file_name"].numpy().decode())
+    with open(path, "rb") as f:
+      assert record["image"].numpy() == f.read()
+
+
 def test_builder_configs_cover_all_datasets():
   names = [c.name for c in tfds_coop.CoopDataset.BUILDER_CONFIGS]
   assert tuple(names) == data.DATASET_NAMES

@@ -14,7 +14,8 @@ Public API:
     batches {"image", "label", "mask" bool} of one fixed shape.
   to_global(batch, sharding) -> dict of global jax.Arrays.
   build_tfds(name, root, data_dir) / TfdsSource(name, root, data_dir): encode
-    a CoOp folder once with TFDS and read the images from it (tfds_coop.py).
+    a CoOp folder once with TFDS and read the images from it;
+    records_dataset(name, data_dir, split): a build as tf.data (tfds_coop.py).
   catalog_split(name, num_shots, seed, subsample, data_dir=None) /
     CatalogSource(name, data_dir): TFDS catalog datasets, not the CoOp splits
     (tfds_catalog.py).
@@ -47,6 +48,7 @@ from prometar_jax.data.tfds_coop import (
   build_tfds,
   load_tfds,
   make_builder,
+  records_dataset,
 )
 
 __all__ = [
@@ -67,6 +69,7 @@ __all__ = [
   "make_eval_dataset",
   "make_train_dataset",
   "read_splits",
+  "records_dataset",
   "subsample_classes",
   "TfdsSource",
   "to_global",

@@ -149,6 +149,36 @@ def load_tfds(name: str, data_dir: str) -> CoopDataset:
   return builder
 
 
+def records_dataset(name: str, data_dir: str, split: str) -> tf.data.Dataset:
+  """All records of one split of a build, in order, as a tf.data.Dataset.
+
+  ArrayRecord builds have no `as_dataset()`; this reads them by index.
+  Elements: {"image": encoded bytes, "label", "classname", "file_name",
+  "index"}; decode images with `pp_ops.decode`.
+  """
+  builder = load_tfds(name, data_dir)
+  source = builder.as_data_source(
+    split=split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES
+  )
+  spec = {
+    "image": tf.io.FixedLenFeature([], tf.string),
+    "label": tf.io.FixedLenFeature([], tf.int64),
+    "classname": tf.io.FixedLenFeature([], tf.string),
+    "file_name": tf.io.FixedLenFeature([], tf.string),
+    "index": tf.io.FixedLenFeature([], tf.int64),
+  }
+
+  def read(i):
+    record = tf.numpy_function(
+      lambda k: source[int(k)], [i], tf.string, stateful=False
+    )
+    record.set_shape([])
+    return tf.io.parse_single_example(record, spec)
+
+  ds = tf.data.Dataset.range(len(source))
+  return ds.map(read, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class TfdsSource:
   """Pipeline source reading image bytes of CoOp items from a TFDS build.
