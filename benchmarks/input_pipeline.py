@@ -97,7 +97,7 @@ def main():
   parser.add_argument("--width", type=int, default=500)
   parser.add_argument("--batch_size", type=int, default=100)
   parser.add_argument("--image_size", type=int, default=224)
-  parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--tfds", action="store_true", help="also TfdsSource")
   parser.add_argument("--train", action="store_true", help="also training")
   args = parser.parse_args()
