@@ -1,0 +1,107 @@
+r"""Trains and evaluates ProMetaR runs from a config file.
+
+  python launch.py --config configs/base2new.py:dataset=eurosat,seed=1 \
+    --workdir workdir/eurosat [--config.optim.lr=0.002] [--eval_only]
+
+On every host of a TPU pod slice (or several GPU hosts), the same line with
+`--distributed` (jax.distributed.initialize(); on TPU and SLURM it finds
+the other hosts by itself, elsewhere pass --coordinator_address,
+--num_processes and --process_id). See docs/tpu.md.
+
+Everything happens in `prometar_jax.train.train_and_evaluate(config,
+workdir)`, which a notebook can call directly.
+"""
+
+import logging as py_logging
+import os
+import sys
+
+# TensorFlow only reads images here: keep it off the accelerators.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+config_flags.DEFINE_config_file(
+  "config", None, "Config file (configs/*.py[:args]).", lock_config=True
+)
+flags.DEFINE_string("workdir", None, "Output folder (local or gs://).")
+flags.DEFINE_bool("eval_only", False, "Evaluate the latest checkpoints only.")
+flags.DEFINE_bool(
+  "distributed", False, "Call jax.distributed.initialize() (multi-host)."
+)
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+flags.DEFINE_integer("num_processes", None, "Number of processes.")
+flags.DEFINE_integer("process_id", None, "This process's index.")
+flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
+
+class _QuietLibraries:
+  """Drops INFO records of orbax (one per array it saves) from the log."""
+
+  def filter(self, record):
+    return (
+      record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
+    )
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with a short message instead of a traceback."""
+  try:
+    return FLAGS(argv)
+  except Exception as e:  # bad flag, unknown config key, bad config arg
+    inner = e
+    while isinstance(inner, BaseException) and inner.args:
+      inner = inner.args[0]
+    what = (
+      "unknown config key"
+      if isinstance(e, (AttributeError, KeyError))
+      else "invalid command line"
+    )
+    text = str(inner)
+    if "Traceback (most recent call last)" in text:  # from a config file
+      lines = text.strip().splitlines()
+      text = f"{lines[0]} {lines[-1]}"
+    sys.stderr.write(
+      f"launch.py: {what}: {text}\nPass --helpshort for the flags.\n"
+    )
+    sys.exit(2)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  import tensorflow as tf
+
+  tf.config.set_visible_devices([], "GPU")
+  import jax
+
+  if FLAGS.distributed:
+    kwargs = {
+      k: getattr(FLAGS, k)
+      for k in ("coordinator_address", "num_processes", "process_id")
+      if getattr(FLAGS, k) is not None
+    }
+    jax.distributed.initialize(**kwargs)
+  logging.get_absl_logger().addFilter(_QuietLibraries())
+  if jax.process_index() != 0:
+    logging.set_verbosity(logging.WARNING)
+  logging.info(
+    "process %d/%d, %d local / %d global devices",
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+  )
+  from prometar_jax import train
+
+  train.train_and_evaluate(
+    FLAGS.config, FLAGS.workdir, eval_only=FLAGS.eval_only
+  )
+  if FLAGS.distributed:
+    jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)
