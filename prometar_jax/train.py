@@ -37,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -157,27 +158,33 @@ def check_config(config) -> meta_step.StepSpec:
 # ---------------------------------------------------------------------------
 
 
-class _Splits:
-  """Few-shot splits, read once per (dataset, seed, subsample)."""
+class DataCache:
+  """Few-shot splits and image sources of a sweep, each built once."""
 
   def __init__(self, config):
-    self._config = config
-    self._cache = {}
+    self._data = config.data
+    self._splits = {}
+    self._sources = {}
 
-  def __call__(self, name: str, seed: int, subsample: str) -> dict:
+  def split(self, name: str, seed: int, subsample: str) -> dict:
+    """fewshot_split(name, root, num_shots, seed, subsample), cached."""
     key = (name, seed, subsample)
-    if key not in self._cache:
-      c = self._config.data
-      self._cache[key] = data.fewshot_split(
+    if key not in self._splits:
+      c = self._data
+      self._splits[key] = data.fewshot_split(
         name, c.root, c.num_shots, seed, subsample
       )
-    return self._cache[key]
+    return self._splits[key]
 
-
-def _source(config, name: str):
-  if not config.data.tfds_dir:
-    return None
-  return data.TfdsSource(name, config.data.root, config.data.tfds_dir)
+  def source(self, name: str):
+    """The image reader of `name`: files, or a TFDS build if configured."""
+    if not self._data.tfds_dir:
+      return None
+    if name not in self._sources:
+      self._sources[name] = data.TfdsSource(
+        name, self._data.root, self._data.tfds_dir
+      )
+    return self._sources[name]
 
 
 def load_clip(config, mesh: Mesh) -> clip_lib.CLIP:
@@ -368,7 +375,8 @@ def _train(
   run_dir,
   *,
   eval_only,
-  on_epoch_end,
+  on_checkpoint,
+  cache,
   desc,
 ):
   """Trains (or restores) the prompts of one run; returns (state, info)."""
@@ -382,7 +390,7 @@ def _train(
     image_size=c.image_size,
     process_index=layout.process_index,
     process_count=layout.process_count,
-    source=_source(config, dataset),
+    source=cache.source(dataset),
   )
   spe = pipeline.steps_per_epoch
   epochs = config.optim.epochs
@@ -413,7 +421,12 @@ def _train(
       )
     start = int(meta["step"])
     _info(
-      "restored step %d (epoch %d) from %s", start, start // spe, ckpt.directory
+      "restored step %d of %d from %s: continuing at epoch %d, batch %d",
+      start,
+      total,
+      ckpt.directory,
+      start // spe + 1,
+      start % spe + 1,
     )
   elif eval_only:
     raise FileNotFoundError(
@@ -438,16 +451,20 @@ def _train(
   def where(step):
     return f"epoch {step // spe + 1}/{epochs}, batch {step % spe + 1}/{spe}"
 
-  def save(step, epoch_done):
+  def checkpoint_now(step):
+    nonlocal last_saved
     if ckpt is None:
       return
     if not bool(_finite(state)):
       raise TrainingDiverged(f"non-finite state after step {step}")
-    ckpt.save(
-      step, state, {**identity, "step": step, "epochs_done": epoch_done}
-    )
+    meta = {**identity, "step": step, "epochs_done": step // spe}
+    ckpt.save(step, state, meta)
+    last_saved = step
+    if on_checkpoint is not None:
+      on_checkpoint(step=step, epochs_done=step // spe)
 
   t0 = time.time()
+  every = config.checkpoint.every_steps
   try:
     for epoch in range(start // spe, epochs):
       lr = schedules.epoch_lr(config.optim, epoch, epochs)
@@ -464,16 +481,11 @@ def _train(
         step += 1
         if step % config.log_every == 0 or step % spe == 0:
           logger.flush(lrs, where)
-        every = config.checkpoint.every_steps
         if every and step % every == 0 and step % spe:
-          logger.flush(lrs, where)
-          save(step, epoch)
-          last_saved = step
+          logger.flush(lrs, where)  # the NaN guard runs before any save
+          checkpoint_now(step)
       logger.flush(lrs, where)
-      save(step, epoch + 1)
-      last_saved = step
-      if on_epoch_end is not None:
-        on_epoch_end(epoch=epoch, step=step)
+      checkpoint_now(step)
   except TrainingDiverged as e:
     kept = (
       f"the last good checkpoint is step {last_saved} in {ckpt.directory}"
@@ -498,9 +510,9 @@ def run(
   *,
   clip: clip_lib.CLIP,
   mesh: Mesh,
-  splits: Callable | None = None,
+  cache: DataCache | None = None,
   eval_only: bool = False,
-  on_epoch_end: Callable | None = None,
+  on_checkpoint: Callable | None = None,
 ) -> dict:
   """Trains and evaluates one (dataset, seed); returns its summary.
 
@@ -512,22 +524,22 @@ def run(
       is written and nothing resumed).
     clip: the frozen CLIP, replicated over `mesh`.
     mesh: the device mesh.
-    splits: a `(name, seed, subsample) -> split` reader (cached).
+    cache: the sweep's DataCache (splits read once).
     eval_only: restore the latest checkpoint and only evaluate.
-    on_epoch_end: called as f(epoch=, step=) after each epoch's checkpoint
-      is committed (on every process).
+    on_checkpoint: called as f(step=, epochs_done=) on every process after
+      each checkpoint is committed.
 
   Returns:
     The summary dict (also written to run_dir/summary.json on process 0).
   """
   spec = step_spec(config)
-  splits = splits or _Splits(config)
+  cache = cache or DataCache(config)
   summary_path = os.path.join(run_dir, SUMMARY) if run_dir else None
   if summary_path and not eval_only and tf.io.gfile.exists(summary_path):
     _info("%s exists: run already done (delete it to redo)", summary_path)
     return _read_json(summary_path)
 
-  train_split = splits(dataset, seed, train_subsample(config))
+  train_split = cache.split(dataset, seed, train_subsample(config))
   desc = f"{dataset} seed {seed}"
   if spec.prompt.kind == "zeroshot":
     params, info = {}, {"steps": 0}
@@ -542,7 +554,8 @@ def run(
       seed,
       run_dir,
       eval_only=eval_only,
-      on_epoch_end=on_epoch_end,
+      on_checkpoint=on_checkpoint,
+      cache=cache,
       desc=desc,
     )
     params = state.prompts
@@ -550,10 +563,11 @@ def run(
   t0 = time.time()
   accuracy, num_test, num_classes = {}, {}, {}
   for es in eval_sets(config, dataset):
-    split = splits(es.dataset, seed, es.subsample)
+    split = cache.split(es.dataset, seed, es.subsample)
     items = split["test"]
-    if config.eval.max_examples:
-      items = items[: config.eval.max_examples]
+    if 0 < config.eval.max_examples < len(items):
+      # Evenly spaced: test lists are often grouped by class.
+      items = items[:: math.ceil(len(items) / config.eval.max_examples)]
     out = evaluate.evaluate(
       params,
       clip,
@@ -564,7 +578,7 @@ def run(
       batch_size=config.eval.batch_size,
       image_size=config.data.image_size,
       shard_classes=config.mesh.shard_classes,
-      source=_source(config, es.dataset),
+      source=cache.source(es.dataset),
     )
     accuracy[es.name] = out["accuracy"]
     num_test[es.name] = out["total"]
@@ -607,13 +621,13 @@ def _method_label(spec: meta_step.StepSpec) -> str:
   return f"{kind} + ProMetaR" if mode == "prometar" else f"{kind} ({mode})"
 
 
-def preflight(config, splits: Callable) -> None:
+def preflight(config, cache: DataCache) -> None:
   """Reads every split the sweep needs (first seed): missing data fails now."""
   seed = config.seeds[0]
   for name in config.data.datasets:
-    splits(name, seed, train_subsample(config))
+    cache.split(name, seed, train_subsample(config))
     for es in eval_sets(config, name):
-      splits(es.dataset, seed, es.subsample)
+      cache.split(es.dataset, seed, es.subsample)
 
 
 def run_dir_of(workdir: str, dataset: str, seed: int) -> str:
@@ -625,7 +639,7 @@ def train_and_evaluate(
   workdir: str | None,
   *,
   eval_only: bool = False,
-  on_epoch_end: Callable | None = None,
+  on_checkpoint: Callable | None = None,
 ) -> dict:
   """Runs every (dataset, seed) of `config` and writes the results table.
 
@@ -634,15 +648,16 @@ def train_and_evaluate(
     workdir: output folder (local or gs://); None writes nothing (no
       checkpoints, no resume), for notebooks.
     eval_only: evaluate the latest checkpoint of every run, no training.
-    on_epoch_end: optional f(epoch=, step=) called after each epoch's
-      checkpoint is committed.
+    on_checkpoint: optional f(step=, epochs_done=) called after each
+      committed checkpoint (every epoch, and every
+      `config.checkpoint.every_steps` steps if set).
 
   Returns:
     {"runs": [summary per run], "table": results table dict}.
   """
   check_config(config)
-  splits = _Splits(config)
-  preflight(config, splits)
+  cache = DataCache(config)
+  preflight(config, cache)
   mesh = sharding_lib.make_mesh(config.mesh.num_devices)
   clip = load_clip(config, mesh)
   _info(
@@ -671,9 +686,9 @@ def train_and_evaluate(
           run_dir,
           clip=clip,
           mesh=mesh,
-          splits=splits,
+          cache=cache,
           eval_only=eval_only,
-          on_epoch_end=on_epoch_end,
+          on_checkpoint=on_checkpoint,
         )
       )
   table = results.make_table(summaries, config.protocol)

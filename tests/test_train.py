@@ -17,7 +17,9 @@ import pytest
 import tensorflow as tf
 import train_testlib as tl
 
+from configs import common, domain_generalization
 from prometar_jax import checkpoint, results, schedules, sharding, train
+from prometar_jax.data import synthetic
 
 ARG = "dataset=eurosat,seeds=1,2"
 
@@ -96,22 +98,30 @@ def test_base2new_two_seeds_writes_table(e2e):
 
 
 def test_killed_run_resumes_bit_identical(e2e, assets, tmp_path):
+  """SIGKILL after epoch 1 and one more step (a mid-epoch checkpoint)."""
   ref_dir = e2e[0] / "eurosat" / "seed1"
   workdir = tmp_path / "wd"
   env = tl.env(assets)
+  kill_step = tl.STEPS_PER_EPOCH + 1
   proc, killed = tl.run_and_kill(
-    "dataset=eurosat,seed=1", assets, workdir, 0, env
+    "dataset=eurosat,seed=1",
+    assets,
+    workdir,
+    kill_step,
+    env,
+    checkpoint__every_steps=2,
   )
   assert killed, tl.tail(proc)
   run_dir = workdir / "eurosat" / "seed1"
-  # Killed after epoch 1 of 2: its checkpoint is there, no result file.
-  assert os.listdir(run_dir / "checkpoints") == [str(tl.STEPS_PER_EPOCH)]
+  # Checkpoints 2, 3 (epoch 1), 4 were committed; 2 keeps the last two.
+  assert sorted(os.listdir(run_dir / "checkpoints")) == ["3", "4"]
   assert not _result_files(workdir)
   proc = tl.run(
     tl.launch_cmd("dataset=eurosat,seed=1", workdir, tl.overrides(assets)), env
   )
   assert proc.returncode == 0, tl.tail(proc)
-  assert "restored step 3" in proc.stderr
+  assert "restored step 4 of 6" in proc.stderr
+  assert "continuing at epoch 2, batch 2" in proc.stderr
   ours = np.load(run_dir / "prompts.npz")
   ref = np.load(ref_dir / "prompts.npz")
   assert sorted(ours.files) == sorted(ref.files)
@@ -149,6 +159,31 @@ def test_eval_only_without_checkpoint_fails(assets, tmp_path):
   with pytest.raises(FileNotFoundError, match="no checkpoint"):
     train.train_and_evaluate(config, str(tmp_path / "wd"), eval_only=True)
   assert not _result_files(tmp_path)
+
+
+def test_zeroshot_domain_generalization_table(assets, tmp_path):
+  """Zero-shot CLIP (no training) through the DG protocol and its table."""
+  root = tmp_path / "data"
+  for name in ("imagenet", *common.DOMAIN_GENERALIZATION_TARGETS):
+    synthetic.make_coop_dataset(name, root, num_classes=3, per_class=(2, 0, 2))
+  config = domain_generalization.get_config("seeds=1")
+  config.update_from_flattened_dict(
+    dict(tl.overrides(assets), **{"data.root": str(root)})
+  )
+  config.prompt.kind = "zeroshot"
+  out = train.train_and_evaluate(config, str(tmp_path / "wd"))
+  (summary,) = out["runs"]
+  assert set(summary["accuracy"]) == {
+    "imagenet",
+    *common.DOMAIN_GENERALIZATION_TARGETS,
+  }
+  assert summary["steps"] == 0 and summary["method"] == "zero-shot CLIP"
+  (table,) = out["table"]["tables"]
+  targets = [v for k, v in table["ours"].items() if k != "imagenet"]
+  assert table["target_mean"] == pytest.approx(np.mean(targets))
+  md = (tmp_path / "wd" / "results.md").read_text()
+  assert "ImageNet-A" in md and "71.29" in md
+  assert not (tmp_path / "wd" / "imagenet" / "seed1" / "checkpoints").exists()
 
 
 # ---------------------------------------------------------------------------
@@ -213,8 +248,6 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(e2e, assets, tmp_path):
 
 
 def test_epoch_lrs_match_dassl():
-  from configs import common
-
   optim = common.get_base_config().optim
   lrs = [schedules.epoch_lr(optim, e, 10) for e in range(10)]
   # DATA.md 3.5 (constant warm-up, then cosine restarted after it).

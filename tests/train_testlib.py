@@ -133,23 +133,23 @@ def free_port() -> int:
 
 
 # Trains like launch.py, but SIGKILLs itself right after the checkpoint of
-# epoch `kill_epoch` is committed: a real, unclean process death.
+# step `kill_step` is committed: a real, unclean process death.
 KILL_SCRIPT = """
 import json, os, signal, sys
 sys.path.insert(0, {tests!r})
 import train_testlib
 from prometar_jax import train
-arg, assets, extra, workdir, kill_epoch = sys.argv[1:6]
+arg, assets, extra, workdir, kill_step = sys.argv[1:6]
 config = train_testlib.make_config(arg, json.loads(assets), **json.loads(extra))
-def kill(epoch, step):
-  if epoch == int(kill_epoch):
+def kill(step, epochs_done):
+  if step == int(kill_step):
     os.kill(os.getpid(), signal.SIGKILL)
-train.train_and_evaluate(config, workdir, on_epoch_end=kill)
+train.train_and_evaluate(config, workdir, on_checkpoint=kill)
 raise SystemExit("not killed")
 """
 
 
-def run_and_kill(arg, assets, workdir, kill_epoch, env_vars, **extra):
+def run_and_kill(arg, assets, workdir, kill_step, env_vars, **extra):
   script = KILL_SCRIPT.format(tests=str(REPO / "tests"))
   proc = run(
     [
@@ -160,7 +160,7 @@ def run_and_kill(arg, assets, workdir, kill_epoch, env_vars, **extra):
       json.dumps(assets),
       json.dumps(extra),
       str(workdir),
-      str(kill_epoch),
+      str(kill_step),
     ],
     env_vars,
   )
