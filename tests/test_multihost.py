@@ -16,6 +16,7 @@ Measured on CPU: the prompts agree to ~4e-8 (the tolerance is 1e-5).
 import json
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -86,37 +87,46 @@ def single_process(assets, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def two_processes(assets, tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("multi") / "wd"
+  out = tmp_path_factory.mktemp("multi")
+  workdir = out / "wd"
   port = tl.free_port()
   values = tl.overrides(assets, **FIRST_ORDER)
-  procs = [
-    subprocess.Popen(
-      tl.launch_cmd(ARG, workdir, values)
-      + [
-        "--distributed",
-        f"--coordinator_address=127.0.0.1:{port}",
-        "--num_processes=2",
-        f"--process_id={i}",
-      ],
-      cwd=tl.REPO,
-      env=tl.env(assets, devices=2),
-      stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT,
-      text=True,
-    )
-    for i in range(2)
-  ]
-  logs = []
+  logs = [out / f"process{i}.log" for i in range(2)]
+  procs = []
+  for i in range(2):
+    cmd = tl.launch_cmd(ARG, workdir, values) + [
+      "--distributed",
+      f"--coordinator_address=127.0.0.1:{port}",
+      "--num_processes=2",
+      f"--process_id={i}",
+    ]
+    with open(logs[i], "w") as log:
+      procs.append(
+        subprocess.Popen(
+          cmd,
+          cwd=tl.REPO,
+          env=tl.env(assets, devices=2),
+          stdout=log,
+          stderr=subprocess.STDOUT,
+        )
+      )
+  deadline = time.monotonic() + 600
   try:
-    for p in procs:
-      logs.append(p.communicate(timeout=600)[0])
+    # One failing process would leave the other waiting for it: stop both.
+    while any(p.poll() is None for p in procs):
+      failed = any(p.poll() not in (None, 0) for p in procs)
+      if failed or time.monotonic() > deadline:
+        break
+      time.sleep(0.5)
   finally:
     for p in procs:
       if p.poll() is None:
         p.kill()
-  for p, log in zip(procs, logs):
-    assert p.returncode == 0, log[-3000:]
-  return workdir, logs
+        p.wait()
+  texts = [path.read_text() for path in logs]
+  for p, text in zip(procs, texts):
+    assert p.returncode == 0, text[-3000:]
+  return workdir, texts
 
 
 def _prompts(run_dir):
