@@ -277,12 +277,3 @@ def apply_runlocal(config: ml_collections.ConfigDict):
   config.eval.max_examples = 200
   config.log_every = 1
   return config
-
-
-def method_label(config) -> str:
-  kind, mode = config.prompt.kind, config.meta.mode
-  if kind == "zeroshot":
-    return "zero-shot CLIP"
-  return {"prometar": f"{kind} + ProMetaR", "plain": kind}.get(
-    mode, f"{kind} ({mode})"
-  )
