@@ -99,15 +99,45 @@ def class_prompt_texts(
   return [f"{prefix} {n}." for n in names]
 
 
+def prompt_length(token_ids: np.ndarray) -> int:
+  """Positions up to and including the longest prompt's (first) EOT token.
+
+  The EOT token has the largest id of its row (SOT/EOT are the last two ids
+  of the CLIP vocabulary), which is also how both pooling rules find it.
+  """
+  ids = np.asarray(token_ids)
+  eot = np.argmax(ids == ids.max(axis=1, keepdims=True), axis=1)
+  return int(eot.max()) + 1
+
+
+def trim_token_ids(token_ids: np.ndarray, multiple: int = 1) -> np.ndarray:
+  """Drops the positions after the longest prompt's EOT (exact speedup).
+
+  Under the causal mask a row's EOT feature never sees later positions, so
+  the text tower on [C, L] gives the same features as on [C, 77]. `multiple`
+  rounds L up (fewer distinct shapes, friendlier to accelerators).
+  """
+  ids = np.asarray(token_ids)
+  length = prompt_length(ids)
+  length = min(ids.shape[1], -(-length // multiple) * multiple)
+  return ids[:, :length]
+
+
 def class_token_ids(
-  config: PromptConfig, clip: clip_lib.CLIP, classnames: Sequence[str]
+  config: PromptConfig,
+  clip: clip_lib.CLIP,
+  classnames: Sequence[str],
+  trim: bool = True,
 ) -> np.ndarray:
-  """[C, 77] int32 ids of the class prompts, tokenized once on the host.
+  """[C, L] int32 ids of the class prompts, tokenized once on the host.
 
   With a text context, positions 1..n_ctx of these ids are the ones the
   learned context replaces (the official `token_prefix`/`token_suffix` cut).
+  With `trim` (default), L is the longest prompt's length (see
+  `trim_token_ids`); otherwise 77.
   """
-  return clip.tokenize(class_prompt_texts(config, clip, classnames))
+  ids = clip.tokenize(class_prompt_texts(config, clip, classnames))
+  return trim_token_ids(ids, multiple=8) if trim else ids
 
 
 def init(

@@ -303,3 +303,27 @@ def test_clear_errors(tmp_path, hf_clips, monkeypatch):
   )
   with pytest.raises(FileNotFoundError, match="hf download openai/clip"):
     clip_lib.load("openai/clip-vit-base-patch16")
+
+
+def test_truncated_text_tower_equals_full_77_tokens(hf_clips):
+  """Under the causal mask nothing after a row's EOT changes its feature."""
+  from prometar_jax import prompt_learners as pl
+
+  for name in ("p8_quickgelu", "p4_legacy_eos"):
+    folder, _ = hf_clips[name]
+    clip = clip_lib.load(folder)
+    rng = np.random.default_rng(3)
+    ids = random_token_ids(rng, 6, clip.config.eos_token_id)
+    # Garbage after the EOT must not matter either (HF pads with EOT).
+    eot = np.argmax(ids == ids.max(1, keepdims=True), 1)
+    for i, e in enumerate(eot):
+      ids[i, e + 1 :] = rng.integers(3, 400, 76 - e)
+    trimmed = pl.trim_token_ids(ids)
+    assert trimmed.shape[1] == eot.max() + 1 < 77
+    depth = min(2, clip.config.text.layers)
+    prompts = rng.normal(0, 0.3, (depth, 3, clip.config.text.width))
+    prompts = prompts.astype(np.float32)
+    for p in (None, prompts):
+      full = clip.encode_text(ids, p)
+      short = clip.encode_text(trimmed, p)
+      np.testing.assert_allclose(short, full, atol=1e-6, rtol=0)

@@ -32,7 +32,14 @@ def test_ivlp_init_from_word_embeddings(tiny_clip_with_tokenizer):
   texts = pl.class_prompt_texts(cfg, clip, CLASSES)
   assert texts[1] == "a photo of a golden retriever."
   ids = pl.class_token_ids(cfg, clip, CLASSES)
-  np.testing.assert_array_equal(ids, clip.tokenize(texts))
+  full = clip.tokenize(texts)
+  # Trimmed after the longest prompt's EOT (rounded up to a multiple of 8).
+  eot = [list(row).index(999) for row in full]
+  assert ids.shape[1] == -(-(max(eot) + 1) // 8) * 8 < 77
+  np.testing.assert_array_equal(ids, full[:, : ids.shape[1]])
+  np.testing.assert_array_equal(
+    pl.class_token_ids(cfg, clip, CLASSES, trim=False), full
+  )
 
 
 def test_fewer_ctx_than_init_tokens_keeps_the_rest_in_the_suffix(

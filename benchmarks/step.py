@@ -1,0 +1,294 @@
+"""Benchmark of the ProMetaR step at ViT-B/16 shapes against the official figures.
+
+Times the project's jit-compiled step (random ViT-B/16 weights, batch 4,
+IVLP prompts 4+4 at depth 9, second order, the released behaviour) at several
+class counts, with class prompts of realistic token lengths, in fp32 and bf16.
+Reports compile time, the median step time, peak memory (process RSS on CPU,
+device memory statistics on a GPU), evaluation images/s, and the step's
+achieved FLOP/s (model FLOPs counted analytically) as a fraction of a large
+matmul timed in the same run; then each figure's ratio to the official
+PyTorch step measured on this kind of machine (2 cores, fp32).
+
+Each (classes, dtype) point runs in a fresh subprocess so that peak RSS is
+that point's own.
+
+  python benchmarks/step.py                          # 10, 40, 500 classes
+  python benchmarks/step.py --classes 10 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+# The official step on this kind of machine (2 cores, fp32, math attention).
+OFFICIAL = {
+  "step_s": {10: 12.0, 20: 15.7, 40: 23.3},
+  "peak_gib": {10: 7.9, 20: 10.6, 40: 14.8},
+  "image_forward_4_s": 0.59,
+}
+
+BATCH, DEPTH, N_CTX = 4, 9, 4
+
+
+def vit_b16():
+  from prometar_jax.models import clip as clip_lib
+
+  return clip_lib.ClipConfig(
+    vision=clip_lib.TowerConfig(768, 12, 12, 3072),
+    text=clip_lib.TowerConfig(512, 12, 8, 2048),
+    projection_dim=512,
+    image_size=224,
+    patch_size=16,
+  )
+
+
+def realistic_prompt_ids(n_classes: int, seed: int = 0, length: int = 77):
+  """Ids shaped like "a photo of a {class name}." for real class names.
+
+  Lengths follow the spread of the 11 datasets' names: mostly 1-4 name
+  tokens, a tail up to ~19 (FGVC variants, UCF actions, SUN scenes), so the
+  longest prompt is about 25 tokens including SOT, ".", EOT.
+  """
+  import numpy as np
+
+  rng = np.random.default_rng(seed)
+  name_lens = rng.choice(
+    [1, 2, 3, 4, 5, 6, 8, 10, 13, 19],
+    size=n_classes,
+    p=[0.3, 0.25, 0.15, 0.1, 0.06, 0.05, 0.04, 0.02, 0.02, 0.01],
+  )
+  name_lens[0] = 19  # at least one long name, as in every real dataset
+  ids = np.full((n_classes, length), 49407, np.int32)
+  for c, k in enumerate(name_lens):
+    body = [320, 1125, 539, 320] + list(rng.integers(300, 49000, k)) + [269]
+    ids[c, 0] = 49406
+    ids[c, 1 : 1 + len(body)] = body
+    ids[c, 1 + len(body)] = 49407
+  return ids
+
+
+def tower_flops(width, mlp, layers, tokens, seq):
+  """Forward matmul FLOPs of `tokens` tokens in sequences of length `seq`."""
+  per_token_layer = 2 * (4 * width * width + 2 * width * mlp + 2 * seq * width)
+  return per_token_layer * layers * tokens
+
+
+def step_flops(n_classes, text_len):
+  """Model FLOPs of one step, counted from its passes.
+
+  U = one prompted forward of both towers (4 images of 201 tokens, C
+  prompts of text_len tokens). Gradients are taken w.r.t. prompts only, so a
+  backward pass costs one forward (input gradients, no weight gradients):
+  frozen image features (1 plain image forward), stage 1 (1 forward + 2
+  backward = 3U), the meta part (inner forward + 2 backward + query forward
+  = 4U, and its reverse pass = 4U).
+  """
+  vis_tokens = 1 + 14 * 14 + N_CTX
+  f_v = tower_flops(768, 3072, 12, BATCH * vis_tokens, vis_tokens)
+  f_v += 2 * BATCH * 196 * (3 * 16 * 16) * 768  # patch embedding
+  f_t = tower_flops(512, 2048, 12, n_classes * text_len, text_len)
+  u = f_v + f_t
+  return f_v + 3 * u + 8 * u
+
+
+def matmul_flops_per_s(dtype, n=4096, reps=5):
+  import jax
+  import jax.numpy as jnp
+
+  a = jnp.ones((n, n), dtype)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  times = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    f(a).block_until_ready()
+    times.append(time.perf_counter() - t)
+  return 2 * n**3 / min(times)
+
+
+def peak_memory_gib():
+  import jax
+
+  dev = jax.devices()[0]
+  if dev.platform != "cpu":
+    stats = dev.memory_stats() or {}
+    return stats.get("peak_bytes_in_use", 0) / 2**30
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def run_point(n_classes, dtype_name, steps, remat, eval_batch):
+  """One measurement in this process; returns a dict of figures."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from prometar_jax import meta_step
+  from prometar_jax import prompt_learners as pl
+  from prometar_jax.models import clip as clip_lib
+
+  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype_name]
+  cfg = vit_b16()
+  params = clip_lib.init_params(cfg, jax.random.key(0))
+  clip = clip_lib.CLIP(cfg, params, dtype=dtype, remat=remat)
+  ids = pl.trim_token_ids(realistic_prompt_ids(n_classes), multiple=8)
+  text_len = ids.shape[1]
+  rng = np.random.default_rng(0)
+  teacher = rng.normal(size=(n_classes, 512)).astype(np.float32)
+  feats = {
+    "token_ids": jnp.asarray(ids),
+    "teacher": clip_lib.normalize(jnp.asarray(teacher)),
+    "class_mask": jnp.ones((n_classes,), bool),
+  }
+  spec = meta_step.StepSpec(
+    pl.PromptConfig(kind="ivlp", depth_text=DEPTH, depth_vision=DEPTH),
+    meta_step.MetaConfig(),
+  )
+  prompts = {
+    "text": 0.02 * jax.random.normal(jax.random.key(1), (DEPTH, N_CTX, 512)),
+    "vision": 0.02 * jax.random.normal(jax.random.key(2), (DEPTH, N_CTX, 768)),
+  }
+  state = meta_step.init_state(jax.random.key(3), prompts, spec)
+  images = jnp.asarray(rng.normal(size=(BATCH, 224, 224, 3)), jnp.float32)
+  # Two classes among four images: the meta part runs every step.
+  labels = jnp.asarray([0, 1, 0, min(2, n_classes - 1)], jnp.int32)
+  batch = {"image": images, "label": labels}
+  step = meta_step.make_train_step(spec)
+  t0 = time.perf_counter()
+  compiled = step.lower(state, clip, feats, batch, 0.0025, 1e-6).compile()
+  compile_s = time.perf_counter() - t0
+  times = []
+  for _ in range(steps + 1):  # the first call pays transfers, not timed
+    t = time.perf_counter()
+    state, metrics = compiled(state, clip, feats, batch, 0.0025, 1e-6)
+    jax.block_until_ready((state, metrics))
+    times.append(time.perf_counter() - t)
+  loss = float(metrics["loss_meta"])
+  assert np.isfinite(loss) and float(metrics["meta_valid"]) == 1.0
+
+  # Evaluation: prompted image features of a batch, images/s.
+  enc = jax.jit(
+    lambda p, x: clip.encode_image(x, pl.tower_prompts(p, spec.prompt)[1])
+  )
+  x = jnp.zeros((eval_batch, 224, 224, 3), jnp.float32)
+  enc(state.prompts, x).block_until_ready()
+  t = time.perf_counter()
+  reps = 2
+  for _ in range(reps):
+    enc(state.prompts, x).block_until_ready()
+  eval_ips = reps * eval_batch / (time.perf_counter() - t)
+
+  step_s = statistics.median(times[1:])
+  flops = step_flops(n_classes, text_len)
+  peak = matmul_flops_per_s(dtype)
+  return {
+    "classes": n_classes,
+    "dtype": dtype_name,
+    "text_len": text_len,
+    "step_s_median": step_s,
+    "step_s_all": times[1:],
+    "compile_s": compile_s,
+    "peak_rss_gib": peak_memory_gib(),
+    "eval_images_per_s": eval_ips,
+    "model_tflop_per_step": flops / 1e12,
+    "achieved_tflop_s": flops / step_s / 1e12,
+    "matmul_tflop_s": peak / 1e12,
+    "fraction_of_matmul": flops / step_s / peak,
+    "platform": jax.devices()[0].platform,
+    "device": str(jax.devices()[0].device_kind),
+    "remat": remat,
+  }
+
+
+def print_table(rows):
+  head = (
+    f"{'classes':>7} {'dtype':>8} {'L':>3} {'step s':>8} {'x official':>10} "
+    f"{'compile s':>9} {'peak GiB':>8} {'mem ratio':>9} {'eval img/s':>10} "
+    f"{'TFLOP/s':>8} {'of matmul':>9}"
+  )
+  print(head)
+  print("-" * len(head))
+  for r in rows:
+    off = OFFICIAL["step_s"].get(r["classes"])
+    off_mem = OFFICIAL["peak_gib"].get(r["classes"])
+    speed = f"{off / r['step_s_median']:.2f}x" if off else "n/a"
+    mem = f"{r['peak_rss_gib'] / off_mem:.2f}" if off_mem else "n/a"
+    print(
+      f"{r['classes']:>7} {r['dtype']:>8} {r['text_len']:>3} "
+      f"{r['step_s_median']:>8.2f} {speed:>10} {r['compile_s']:>9.1f} "
+      f"{r['peak_rss_gib']:>8.2f} {mem:>9} {r['eval_images_per_s']:>10.1f} "
+      f"{r['achieved_tflop_s']:>8.3f} {r['fraction_of_matmul']:>9.2f}"
+    )
+  print(
+    "official (PyTorch, 2 cores, fp32): step 12.0 s @10, 15.7 s @20, 23.3 s "
+    "@40 classes; peak 7.9 / 10.6 / 14.8 GiB; 500 classes does not fit "
+    "in 24 GiB; image forward of 4 images 0.59 s "
+    f"(= {4 / OFFICIAL['image_forward_4_s']:.1f} img/s)."
+  )
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--classes", default="10,40,500")
+  ap.add_argument("--dtypes", default="float32,bfloat16")
+  ap.add_argument("--steps", type=int, default=3)
+  ap.add_argument("--eval_batch", type=int, default=16)
+  ap.add_argument(
+    "--remat",
+    default="auto",
+    choices=["auto", "on", "off"],
+    help="auto: rematerialize blocks from 100 classes on (memory)",
+  )
+  ap.add_argument("--json", default=None, help="write the figures here")
+  ap.add_argument("--point", default=None, help=argparse.SUPPRESS)
+  args = ap.parse_args()
+
+  if args.point:  # child process: one measurement, JSON on the last line
+    n, dtype, remat = args.point.split(":")
+    row = run_point(int(n), dtype, args.steps, remat == "1", args.eval_batch)
+    print(json.dumps(row))
+    return
+
+  rows = []
+  for n in [int(c) for c in args.classes.split(",")]:
+    for dtype in args.dtypes.split(","):
+      remat = {"on": True, "off": False}.get(args.remat, n >= 100)
+      cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--point",
+        f"{n}:{dtype}:{int(remat)}",
+        "--steps",
+        str(args.steps),
+        "--eval_batch",
+        str(args.eval_batch),
+      ]
+      out = subprocess.run(cmd, capture_output=True, text=True)
+      if out.returncode != 0:
+        print(out.stderr[-3000:], file=sys.stderr)
+        print(f"the {n}-class {dtype} point failed", file=sys.stderr)
+        continue
+      rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+      print(json.dumps(rows[-1]), flush=True)
+  print()
+  print_table(rows)
+  if args.json and rows:
+    first = rows[0]
+    summary = {
+      "step_s_median": first["step_s_median"],
+      "peak_rss_gib": first["peak_rss_gib"],
+      "compile_s": first["compile_s"],
+      "points": rows,
+    }
+    with open(args.json, "w") as f:
+      json.dump(summary, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()
