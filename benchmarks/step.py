@@ -184,7 +184,8 @@ def run_point(n_classes, dtype_name, steps, remat, eval_batch):
     enc(state.prompts, x).block_until_ready()
   eval_ips = reps * eval_batch / (time.perf_counter() - t)
 
-  step_s = statistics.median(times[1:])
+  timed = times[1:] or times  # --steps 0: one call (memory-only runs)
+  step_s = statistics.median(timed)
   flops = step_flops(n_classes, text_len)
   peak = matmul_flops_per_s(dtype)
   return {
@@ -192,7 +193,7 @@ def run_point(n_classes, dtype_name, steps, remat, eval_batch):
     "dtype": dtype_name,
     "text_len": text_len,
     "step_s_median": step_s,
-    "step_s_all": times[1:],
+    "step_s_all": timed,
     "compile_s": compile_s,
     "peak_rss_gib": peak_memory_gib(),
     "eval_images_per_s": eval_ips,
