@@ -37,18 +37,6 @@ OFFICIAL = {
 BATCH, DEPTH, N_CTX = 4, 9, 4
 
 
-def vit_b16():
-  from prometar_jax.models import clip as clip_lib
-
-  return clip_lib.ClipConfig(
-    vision=clip_lib.TowerConfig(768, 12, 12, 3072),
-    text=clip_lib.TowerConfig(512, 12, 8, 2048),
-    projection_dim=512,
-    image_size=224,
-    patch_size=16,
-  )
-
-
 def realistic_prompt_ids(n_classes: int, seed: int = 0, length: int = 77):
   """Ids shaped like "a photo of a {class name}." for real class names.
 
@@ -134,7 +122,7 @@ def run_point(n_classes, dtype_name, steps, remat, eval_batch):
   from prometar_jax.models import clip as clip_lib
 
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype_name]
-  cfg = vit_b16()
+  cfg = clip_lib.VIT_B16
   params = clip_lib.init_params(cfg, jax.random.key(0))
   clip = clip_lib.CLIP(cfg, params, dtype=dtype, remat=remat)
   ids = pl.trim_token_ids(realistic_prompt_ids(n_classes), multiple=8)

@@ -220,6 +220,7 @@ def test_vit_b16_shapes_convert_with_every_tensor_used_once():
     model = CLIPModel(hf_cfg)
   shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
   cfg = clip_lib.ClipConfig.from_hf(hf_cfg)
+  assert cfg == clip_lib.VIT_B16
   # Zero-stride views: every tensor "exists" without allocating it.
   zero = np.zeros((), np.float32)
   state = {k: np.broadcast_to(zero, s) for k, s in shapes.items()}

@@ -400,13 +400,7 @@ def test_gamma_layout_equals_torch_repeat_interleave():
 
 
 def test_gradnet_size_and_shapes_for_vit_b16():
-  cfg = clip_lib.ClipConfig(
-    vision=clip_lib.TowerConfig(768, 12, 12, 3072),
-    text=clip_lib.TowerConfig(512, 12, 8, 2048),
-    projection_dim=512,
-    image_size=224,
-    patch_size=16,
-  )
+  cfg = clip_lib.VIT_B16
   shapes = {"text": (9, 4, 512), "vision": (9, 4, 768)}
   gnet = jax.eval_shape(
     functools.partial(

@@ -99,13 +99,7 @@ def test_nonempty_prompts_change_logits_and_maple_couples_branches(
 
 
 def test_learner_shapes_at_vit_b16():
-  cfg_b16 = clip_lib.ClipConfig(
-    vision=clip_lib.TowerConfig(768, 12, 12, 3072),
-    text=clip_lib.TowerConfig(512, 12, 8, 2048),
-    projection_dim=512,
-    image_size=224,
-    patch_size=16,
-  )
+  cfg_b16 = clip_lib.VIT_B16
   clip = jax.eval_shape(
     lambda k: clip_lib.CLIP(cfg_b16, clip_lib.init_params(cfg_b16, k)),
     jax.random.key(0),

@@ -108,6 +108,17 @@ class ClipConfig:
     )
 
 
+# openai/clip-vit-base-patch16's shapes (the paper's backbone), for shape
+# checks and benchmarks without its weights.
+VIT_B16 = ClipConfig(
+  vision=TowerConfig(width=768, layers=12, heads=12, mlp_dim=3072),
+  text=TowerConfig(width=512, layers=12, heads=8, mlp_dim=2048),
+  projection_dim=512,
+  image_size=224,
+  patch_size=16,
+)
+
+
 _ACTIVATIONS = {
   "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
   "gelu": functools.partial(jax.nn.gelu, approximate=False),
