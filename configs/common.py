@@ -277,3 +277,22 @@ def apply_runlocal(config: ml_collections.ConfigDict):
   config.eval.max_examples = 200
   config.log_every = 1
   return config
+
+
+def imagenet_transfer_config(
+  arg: str | None, protocol: str, targets: tuple[str, ...]
+) -> ml_collections.ConfigDict:
+  """Train on all ImageNet classes, test on `targets` (DG, cross-dataset)."""
+  arg = parse_arg(
+    arg, seed=-1, seeds=(1,), shots=16, behaviour="released", runlocal=False
+  )
+  config = get_base_config()
+  config.protocol = protocol
+  config.data.datasets = ("imagenet",)
+  config.eval.targets = targets
+  config.seeds = (arg.seed,) if arg.seed >= 0 else tuple(arg.seeds)
+  config.data.num_shots = arg.shots
+  apply_behaviour(config, arg.behaviour)
+  if arg.runlocal:
+    apply_runlocal(config)
+  return config

@@ -21,16 +21,6 @@ from configs import common
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(
-    arg, seed=-1, seeds=(1,), shots=16, behaviour="released", runlocal=False
+  return common.imagenet_transfer_config(
+    arg, "cross_dataset", common.CROSS_DATASET_TARGETS
   )
-  config = common.get_base_config()
-  config.protocol = "cross_dataset"
-  config.data.datasets = ("imagenet",)
-  config.eval.targets = common.CROSS_DATASET_TARGETS
-  config.seeds = (arg.seed,) if arg.seed >= 0 else tuple(arg.seeds)
-  config.data.num_shots = arg.shots
-  common.apply_behaviour(config, arg.behaviour)
-  if arg.runlocal:
-    common.apply_runlocal(config)
-  return config

@@ -22,16 +22,6 @@ from configs import common
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(
-    arg, seed=-1, seeds=(1,), shots=16, behaviour="released", runlocal=False
+  return common.imagenet_transfer_config(
+    arg, "domain_generalization", common.DOMAIN_GENERALIZATION_TARGETS
   )
-  config = common.get_base_config()
-  config.protocol = "domain_generalization"
-  config.data.datasets = ("imagenet",)
-  config.eval.targets = common.DOMAIN_GENERALIZATION_TARGETS
-  config.seeds = (arg.seed,) if arg.seed >= 0 else tuple(arg.seeds)
-  config.data.num_shots = arg.shots
-  common.apply_behaviour(config, arg.behaviour)
-  if arg.runlocal:
-    common.apply_runlocal(config)
-  return config
