@@ -1,0 +1,121 @@
+r"""Offline demo: the base-to-new protocol in a generated world, tiny CLIP.
+
+Zero-shot CLIP, CoOp, IVLP and IVLP + ProMetaR on three downstream tasks of
+the generated world (prometar_jax/demo/datasets.py: colours, scenes and
+compositions; 20, 12 and 24 classes), with a tiny CLIP pretrained on that
+world (committed in prometar_jax/demo/tiny_clip). Nothing is downloaded: the datasets are
+rendered into .cache/demo on first use. All four methods, one seed, the
+results table at the end (about 5-10 minutes on two CPU cores):
+
+  python -m prometar_jax.demo.run --workdir workdir/demo
+
+Three seeds (the table of docs/demo.md):
+
+  python -m prometar_jax.demo.run --workdir workdir/demo \
+    --config configs/demo.py:seeds=1,2,3
+
+One method through the ordinary launcher (the assets must exist:
+`python -m prometar_jax.demo.build`):
+
+  python launch.py --config configs/demo.py:method=prometar \
+    --workdir workdir/demo/prometar
+
+Arguments: method (all | zeroshot | coop | ivlp | prometar), dataset
+(colours, scenes, compositions or all), seed / seeds, shots, epochs, quick (2
+shots, 1 epoch, 40 test images per set: a pipeline check, not a result),
+cache (the cache folder; default $PROMETAR_DEMO_CACHE or .cache/demo).
+
+Recipe: the released ProMetaR step and optimiser (SGD lr 0.0025, batch 4,
+16 shots, cosine with one warm-up epoch, gradnet at 1e-6) scaled to the
+tiny CLIP: 32x32 images, prompts of 4 text + 4 vision tokens in 3 of the
+4 layers (the paper uses 9 of 12), 10 epochs. Every method shares the
+recipe; the method is the only difference between rows.
+
+Expected (Base / New / HM, mean of seeds 1-3; docs/demo.md):
+filled in by docs/demo.md after the 3-seed run.
+"""
+
+from __future__ import annotations
+
+from configs import common
+from prometar_jax.demo import build as demo_build
+from prometar_jax.demo import datasets as demo_datasets
+
+METHODS = ("zeroshot", "coop", "ivlp", "prometar")
+# Table labels of the methods.
+METHOD_LABELS = {
+  "zeroshot": "Zero-shot CLIP",
+  "coop": "CoOp",
+  "ivlp": "IVLP",
+  "prometar": "ProMetaR",
+}
+# Prompt depth in the 4-layer towers (the paper: 9 of 12 layers).
+DEPTH = 3
+
+
+def _datasets(names) -> tuple[str, ...]:
+  out = []
+  for n in names:
+    for m in demo_datasets.DEMO_NAMES if n == "all" else (n,):
+      coop = demo_datasets.get(m).coop_name
+      if coop not in out:
+        out.append(coop)
+  return tuple(out)
+
+
+def for_method(config, method: str):
+  """A copy of the demo config that trains `method` (one of METHODS)."""
+  if method not in METHODS:
+    raise ValueError(f"unknown demo method {method!r}; use one of {METHODS}")
+  config = config.copy_and_resolve_references()
+  kind = "ivlp" if method == "prometar" else method
+  common.apply_method(config, kind, prometar=method == "prometar")
+  if kind == "ivlp":
+    config.prompt.depth_text = config.prompt.depth_vision = DEPTH
+  config.demo.method = method
+  return config
+
+
+def get_config(arg=None):
+  arg = common.parse_arg(
+    arg,
+    method="all",
+    dataset=("all",),
+    seed=-1,
+    seeds=(1,),
+    shots=16,
+    epochs=10,
+    quick=False,
+    cache="",
+  )
+  if arg.method != "all" and arg.method not in METHODS:
+    raise ValueError(f"method={arg.method!r}: use all or one of {METHODS}")
+  cache = arg.cache or demo_build.default_cache_dir()
+  config = common.get_base_config()
+  config.protocol = "base2new"
+  config.seeds = (arg.seed,) if arg.seed >= 0 else tuple(arg.seeds)
+  config.model.name = demo_build.checkpoint_dir(cache)
+  config.data.datasets = _datasets(arg.dataset)
+  config.data.root = demo_build.data_root(cache)
+  config.data.num_shots = arg.shots
+  config.data.image_size = 32
+  config.optim.epochs = arg.epochs
+  config.eval.batch_size = 250
+  # Runs are short: a finished run's summary.json is what makes a rerun
+  # skip it; orbax saves would cost more than they save.
+  config.checkpoint.enabled = False
+  # What prometar_jax.demo.run sweeps; launch.py trains `method` only.
+  config.demo = dict(
+    methods=METHODS if arg.method == "all" else (arg.method,),
+    method="",
+    cache=cache,
+    # Images per class (train, val, test) of the rendered datasets.
+    per_class=demo_datasets.PER_CLASS,
+  )
+  if arg.quick:
+    config.data.num_shots = 2
+    config.optim.epochs = 1
+    config.eval.max_examples = 40
+    config.log_every = 1
+  # The project's main job, ProMetaR, unless one method is asked for.
+  return for_method(config, "prometar" if arg.method == "all" else arg.method)
