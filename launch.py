@@ -9,7 +9,11 @@ the other hosts by itself, elsewhere pass --coordinator_address,
 --num_processes and --process_id). See docs/tpu.md.
 
 Everything happens in `prometar_jax.train.train_and_evaluate(config,
-workdir)`, which a notebook can call directly.
+workdir)`, which a notebook can call directly. The offline demo
+(configs/demo.py, docs/demo.md) trains its four methods and prints their
+table (`prometar_jax.demo.run.run_demo`):
+
+  python launch.py --config configs/demo.py --workdir workdir/demo
 """
 
 import logging as py_logging
@@ -94,11 +98,16 @@ def main(argv):
     jax.local_device_count(),
     jax.device_count(),
   )
-  from prometar_jax import train
+  config = FLAGS.config
+  if "demo" in config and config.demo.sweep and not FLAGS.eval_only:
+    # configs/demo.py with every method: the offline demo's table.
+    from prometar_jax.demo import run as demo_run
 
-  train.train_and_evaluate(
-    FLAGS.config, FLAGS.workdir, eval_only=FLAGS.eval_only
-  )
+    demo_run.run_demo(config, FLAGS.workdir, progress=config.progress_bar)
+  else:
+    from prometar_jax import train
+
+    train.train_and_evaluate(config, FLAGS.workdir, eval_only=FLAGS.eval_only)
   if FLAGS.distributed:
     jax.distributed.shutdown()
 

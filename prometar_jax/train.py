@@ -388,6 +388,7 @@ def _train(
     c.batch_size,
     seed,
     image_size=c.image_size,
+    scale=tuple(c.crop_scale),
     process_index=layout.process_index,
     process_count=layout.process_count,
     source=cache.source(dataset),
