@@ -202,6 +202,23 @@ def test_committed_tiny_clip_transfers_zero_shot():
     assert a["new"] >= 2 * a["chance_new"], (name, a)
 
 
+def test_default_config_is_the_whole_demo():
+  # launch.py runs demo.run_demo (every method, one table) when demo.sweep;
+  # one method asked for is trained alone.
+  config = demo_config.get_config()
+  assert config.demo.sweep and config.demo.methods == demo_config.METHODS
+  one = demo_config.get_config("method=ivlp")
+  assert not one.demo.sweep and one.demo.methods == ("ivlp",)
+  assert one.prompt.kind == "ivlp" and one.meta.mode == "plain"
+  # The recipe reaches every method (docs/demo.md).
+  for m in demo_config.METHODS:
+    c = demo_config.for_method(config, m)
+    assert c.optim.lr == demo_config.LR
+    assert tuple(c.data.crop_scale) == demo_config.CROP_SCALE
+    if m in ("ivlp", "prometar"):
+      assert c.prompt.n_ctx_vision == demo_config.N_CTX_VISION
+
+
 def test_demo_end_to_end_quick(micro_clip, tmp_path, fast_compile):
   cache = str(tmp_path / "cache")
   config = demo_config.get_config(f"quick,seeds=1,cache={cache}")
