@@ -103,7 +103,7 @@ def main(argv):
     # configs/demo.py with every method: the offline demo's table.
     from prometar_jax.demo import run as demo_run
 
-    demo_run.run_demo(config, FLAGS.workdir, progress=config.progress_bar)
+    demo_run.run_and_print(config, FLAGS.workdir)
   else:
     from prometar_jax import train
 

@@ -176,6 +176,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     num_shots=16,
     batch_size=4,
     image_size=224,
+    # Pad the class axis to a multiple of this (masked classes): datasets
+    # of different class counts then share one compiled step.
+    class_multiple=1,
     # RandomResizedCrop's area range for training images (Dassl: 0.08-1).
     crop_scale=(0.08, 1.0),
     # Read images from a TFDS build of the CoOp folders (data.build_tfds)

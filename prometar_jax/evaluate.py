@@ -82,6 +82,7 @@ def evaluate(
   image_size: int = 224,
   shard_classes: bool = True,
   source=None,
+  class_multiple: int = 1,
 ) -> dict:
   """Top-1 accuracy (%) of `params` on `items` over `classnames`.
 
@@ -96,6 +97,7 @@ def evaluate(
     batch_size: global test batch (rounded up to the device count).
     image_size: test resolution.
     shard_classes: split the class axis over the mesh.
+    class_multiple: pad the class axis to a multiple of this (masked).
     source: image reader for the pipeline (None: files).
 
   Returns:
@@ -109,6 +111,7 @@ def evaluate(
     {"token_ids": ids, "class_mask": np.ones(len(ids), bool)},
     mesh,
     shard_classes,
+    class_multiple,
   )
   text = text_fn(params, clip, feats["token_ids"])
   bs = eval_batch_size(batch_size, mesh)

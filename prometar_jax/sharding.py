@@ -22,6 +22,7 @@ built identically on every process and placed with `jax.device_put`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -131,10 +132,19 @@ def class_sharding(mesh: Mesh, shard_classes: bool) -> NamedSharding:
 
 
 def put_class_features(
-  feats: dict[str, np.ndarray], mesh: Mesh, shard_classes: bool = True
+  feats: dict[str, np.ndarray],
+  mesh: Mesh,
+  shard_classes: bool = True,
+  multiple: int = 1,
 ) -> dict[str, jax.Array]:
-  """Pads (if sharded) and places class features along the class axis."""
+  """Pads and places class features along the class axis.
+
+  The class axis is padded to a multiple of `multiple` (one compiled step
+  for datasets of different class counts) and, when sharded, of the mesh.
+  """
   if shard_classes:
-    feats = pad_classes(feats, mesh.size)
+    multiple = math.lcm(multiple, mesh.size)
+  if multiple > 1:
+    feats = pad_classes(feats, multiple)
   sharding = class_sharding(mesh, shard_classes)
   return {k: jax.device_put(np.asarray(v), sharding) for k, v in feats.items()}

@@ -226,7 +226,9 @@ def make_train_step(
   )
 
 
-def class_features(spec, clip, classnames, mesh, shard_classes) -> dict:
+def class_features(
+  spec, clip, classnames, mesh, shard_classes, multiple=1
+) -> dict:
   """Token ids, the 60-template teacher T0 and the mask, on the mesh."""
   ids = pl.class_token_ids(spec.prompt, clip, classnames)
   teacher = np.asarray(zeroshot.teacher_text_features(clip, classnames))
@@ -235,7 +237,7 @@ def class_features(spec, clip, classnames, mesh, shard_classes) -> dict:
     "teacher": teacher.astype(np.float32),
     "class_mask": np.ones(len(ids), bool),
   }
-  return sharding_lib.put_class_features(feats, mesh, shard_classes)
+  return sharding_lib.put_class_features(feats, mesh, shard_classes, multiple)
 
 
 def _write_text(path: str, text: str) -> None:
@@ -444,7 +446,14 @@ def _train(
       )
     return state, info
 
-  feats = class_features(spec, clip, split["classnames"], mesh, shard_classes)
+  feats = class_features(
+    spec,
+    clip,
+    split["classnames"],
+    mesh,
+    shard_classes,
+    config.data.class_multiple,
+  )
   step_fn = make_train_step(spec, mesh, shard_classes, layout.sharded)
   logger = _Logger(run_dir, total, start, desc, config.progress_bar)
   last_saved = start if start else None
@@ -579,6 +588,7 @@ def run(
       batch_size=config.eval.batch_size,
       image_size=config.data.image_size,
       shard_classes=config.mesh.shard_classes,
+      class_multiple=config.data.class_multiple,
       source=cache.source(es.dataset),
     )
     accuracy[es.name] = out["accuracy"]

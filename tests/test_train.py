@@ -152,6 +152,14 @@ def test_eval_only_reproduces_accuracies(
   assert summary["accuracy"] == _summary(src)["accuracy"]
   assert summary["start_step"] == tl.EPOCHS * tl.STEPS_PER_EPOCH
   assert (tmp_path / "wd" / "results.md").is_file()
+  # Padded (masked) classes change shapes, not predictions.
+  padded = tmp_path / "padded" / "eurosat" / "seed1"
+  shutil.copytree(src / "checkpoints", padded / "checkpoints")
+  config.data.class_multiple = 8
+  out = train.train_and_evaluate(
+    config, str(tmp_path / "padded"), eval_only=True
+  )
+  assert out["runs"][0]["accuracy"] == summary["accuracy"]
 
 
 def test_eval_only_without_checkpoint_fails(assets, tmp_path):
@@ -269,6 +277,12 @@ def test_pad_classes_masks_padding():
   np.testing.assert_array_equal(out["teacher"][3], 0)
   np.testing.assert_array_equal(out["class_mask"], [1, 1, 1, 0])
   assert sharding.pad_classes(feats, 3)["token_ids"].shape == (3, 2)
+  mesh = sharding.make_mesh(-1)
+  for multiple in (1, 4, 6):
+    put = sharding.put_class_features(feats, mesh, True, multiple)
+    want = sharding.round_up(3, np.lcm(multiple, mesh.size))
+    assert put["class_mask"].shape == (want,)
+    assert int(put["class_mask"].sum()) == 3
 
 
 def test_batch_layout_replicates_indivisible_batches():
