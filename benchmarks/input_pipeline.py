@@ -23,6 +23,7 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from prometar_jax import data  # noqa: E402
@@ -146,7 +147,8 @@ def main():
   print(
     f"{args.num_images} JPEGs of about {args.height}x{args.width} -> "
     f"{args.image_size}x{args.image_size}, eval batch {args.batch_size}, "
-    f"{os.cpu_count()} CPU cores, best of {args.rounds} rounds"
+    f"{os.cpu_count()} CPU cores, best of {args.rounds} rounds, TF intra-op "
+    f"threads {tf.config.threading.get_intra_op_parallelism_threads()}"
   )
   base = best["PIL sequential (Dassl way)"]
   for name, value in best.items():

@@ -80,6 +80,7 @@ def test_eval_preprocessing_matches_pil(tmp_path, shape):
     ),  # size not a block multiple
     ((20, 30), 48, (48 / 20, 48 / 30), (0.0, 0.0)),  # upsampling
     ((300, 200), 33, (0.11, 0.165), (-1.5, 0.25)),
+    ((30, 40), 8, (1.0, 1.0), (-100.0, 50.0)),  # all outside: zeros
   ],
 )
 def test_resampling_equals_tf_scale_and_translate(
@@ -98,6 +99,40 @@ def test_resampling_equals_tf_scale_and_translate(
   )[0]
   # Float32 sums in another order: differences of a few thousandths of a level.
   np.testing.assert_allclose(ours.numpy(), ref.numpy(), atol=1e-2)
+
+
+def test_resampling_rectangular_output():
+  # Rows and columns are planned together; out_h != out_w pads the shorter.
+  rng = np.random.default_rng(1)
+  image = tf.constant(rng.integers(0, 256, (90, 70, 3)), tf.uint8)
+  scale, translation = (20 / 90, 37 / 70), (0.5, -1.0)
+  ours = pp_ops._scale_translate(image, 20, 37, scale, translation)
+  ref = tf.raw_ops.ScaleAndTranslate(
+    images=tf.cast(image, tf.float32)[None],
+    size=[20, 37],
+    scale=scale,
+    translation=translation,
+    kernel_type="keyscubic",
+    antialias=True,
+  )[0]
+  assert ours.shape == (20, 37, 3)
+  np.testing.assert_allclose(ours.numpy(), ref.numpy(), atol=1e-2)
+
+
+def test_random_resized_crop_equals_crop_then_resize():
+  # The crop's window is cut from the image directly: same pixels, same
+  # weights, so exactly the resize of the cut-out crop.
+  rng = np.random.default_rng(2)
+  image = tf.constant(rng.integers(0, 256, (120, 90, 3)), tf.uint8)
+  for i in range(8):
+    seed = pp_ops.example_seed(5, 0, i)
+    top, left, ch, cw = (int(v) for v in _window(120, 90, seed))
+    crop = image[top : top + ch, left : left + cw]
+    scale = (32 / ch, 32 / cw)
+    ref = pp_ops._scale_translate(crop, 32, 32, scale, (0.0, 0.0))
+    ref = np.clip(np.round(ref.numpy()), 0, 255)
+    ours = pp_ops.random_resized_crop(image, seed, 32).numpy()
+    np.testing.assert_array_equal(ours, ref)
 
 
 def test_decode_matches_pil(tmp_path):
@@ -280,6 +315,37 @@ def test_eval_images_independent_of_batching(eurosat):
   b = [x for x in data.make_eval_dataset(items, 2, 24)]
   b = np.concatenate([x["image"][x["mask"]] for x in b])
   np.testing.assert_array_equal(a, b)
+
+
+def test_eval_transform_traced_once(eurosat):
+  # Every EvalPipeline of one image size reuses one trace of the transform.
+  fn = data.input_pipeline._eval_image_fn(20)
+  for batch_size in (3, 5):
+    list(data.make_eval_dataset(eurosat["test"][:4], batch_size, 20))
+  assert fn.experimental_get_tracing_count() == 1
+
+
+def test_import_gives_tf_one_intra_op_thread():
+  # oneDNN ops ignore tf.data's max_intra_op_parallelism: importing the
+  # package shrinks TF's global pool to one thread (unless it was chosen).
+  import subprocess
+  import sys
+
+  code = (
+    "import prometar_jax.data, tensorflow as tf; "
+    "print(tf.config.threading.get_intra_op_parallelism_threads())"
+  )
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+  env.pop("TF_NUM_INTRAOP_THREADS", None)
+  out = subprocess.run(
+    [sys.executable, "-c", code],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=True,
+  )
+  assert out.stdout.split()[-1] == "1", out.stdout + out.stderr
 
 
 def test_unreadable_image_is_named(tmp_path, eurosat):

@@ -15,6 +15,8 @@ the semantics of tf.image.resize(antialias=True); the result is rounded and
 clipped to [0, 255] as PIL's uint8 output is.
 """
 
+import dataclasses
+
 import numpy as np
 import tensorflow as tf
 
@@ -47,57 +49,124 @@ def decode(data: tf.Tensor) -> tf.Tensor:
   return image
 
 
-def _to_uint8_range(image: tf.Tensor) -> tf.Tensor:
-  # PIL writes uint8: bicubic overshoot is clipped and values rounded.
-  return tf.clip_by_value(tf.round(image), 0.0, 255.0)
-
-
 # Output rows (and columns) are resampled in blocks of this many: each block
 # reads one short window of input rows, so a resize is a few small dense
 # matmuls instead of one mostly-zero one. 16 was the fastest on 2-core CPUs.
 _BLOCK = 16
+# A coordinate that puts a tap out of every kernel's reach (weight 0).
+_FAR = 1e9
 
 
 def _keys_cubic(x):
-  # Keys' cubic convolution kernel with a = -0.5, as PIL and TF use.
-  x = tf.abs(x)
+  # Keys' cubic convolution kernel with a = -0.5, as PIL and TF use. Both
+  # pieces are exactly 0 at |x| = 2, so clamping there makes the tail 0.
+  x = tf.minimum(tf.abs(x), 2.0)
   a = -0.5
   near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
   far = (((x - 5.0) * x + 8.0) * x - 4.0) * a
-  return tf.where(x < 1.0, near, tf.where(x < 2.0, far, 0.0))
+  return tf.where(x < 1.0, near, far)
 
 
-def _block_weights(in_size, out_size, scale, translation):
-  """Antialiased bicubic weights of one axis, grouped in output blocks.
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """How to resample an image: which pixels to read, with what weights.
 
-  Output pixel i is centered at input coordinate (i + 0.5 - translation) /
-  scale; when downscaling the kernel is stretched by 1 / scale (antialias)
-  and the weights of in-range taps are normalized to sum to one, as PIL
-  and tf.image.resize(antialias=True) do.
-
-  Returns:
-    Input indices [n_blocks, span] (clamped into range) and weights
-    [n_blocks, _BLOCK, span]; rows past out_size are padding.
+  The taps read the window of the image that starts at `begin` (top, left,
+  0) and has `size` (height, width, -1), int32 [3] each. `rows` / `cols`
+  index into the window ([n_blocks, span] each) and `wy` / `wx` are the
+  weights [n_blocks, _BLOCK, span] of output rows and columns.
   """
-  n_blocks = -(-out_size // _BLOCK)
-  inv = 1.0 / scale
+
+  begin: tf.Tensor
+  size: tf.Tensor
+  rows: tf.Tensor
+  wy: tf.Tensor
+  cols: tf.Tensor
+  wx: tf.Tensor
+  out_h: int
+  out_w: int
+
+
+def _plan(in_size, out_h: int, out_w: int, scale, translation) -> _Plan:
+  """Antialiased bicubic weights of both axes, grouped in output blocks.
+
+  Output pixel i of an axis is centered at input coordinate (i + 0.5 -
+  translation) / scale; when downscaling the kernel is stretched by 1 /
+  scale (antialias) and the weights of in-range taps are normalized to sum
+  to one, as PIL and tf.image.resize(antialias=True) do. An output centered
+  outside the image gets no sample (0), as in ScaleAndTranslate.
+
+  Rows and columns are computed together, along a leading axis of 2, in few
+  ops: per image, these small tensors cost mostly per op.
+
+  Args:
+    in_size: int [2], the image height and width.
+    out_h: output height.
+    out_w: output width.
+    scale: float32 [2], per axis.
+    translation: float32 [2], per axis.
+  """
+  blocks = (-(-out_h // _BLOCK), -(-out_w // _BLOCK))
+  # Per axis, shaped [2, 1, 1] to broadcast against [2, blocks, ...].
+  in_size = tf.reshape(tf.cast(in_size, tf.int32), [2, 1, 1])
+  inv = tf.reshape(1.0 / tf.cast(scale, tf.float32), [2, 1, 1])
+  shift = tf.reshape(tf.cast(translation, tf.float32), [2, 1, 1])
   stretch = tf.maximum(inv, 1.0)
-  support = 2.0 * stretch
-  i = tf.range(n_blocks * _BLOCK, dtype=tf.float32)
-  centers = tf.reshape((i + 0.5 - translation) * inv, [n_blocks, _BLOCK])
-  start = tf.cast(tf.floor(centers[:, 0] - support), tf.int32)
-  span = tf.cast(tf.math.ceil((_BLOCK - 1) * inv + 2.0 * support), tf.int32) + 2
-  j = start[:, None] + tf.range(span)[None, :]
-  pos = tf.cast(j, tf.float32)[:, None, :] + 0.5
-  w = _keys_cubic((pos - centers[:, :, None]) / stretch)
-  w = tf.where(((j >= 0) & (j < in_size))[:, None, :], w, 0.0)
-  # Like ScaleAndTranslate: no sample from outside the image (output 0).
-  in_f = tf.cast(in_size, tf.float32)
-  inside = (centers >= 0.0) & (centers <= in_f)
-  w = tf.where(inside[:, :, None], w, 0.0)
-  total = tf.reduce_sum(w, axis=-1, keepdims=True)
-  w = w / tf.where(total == 0.0, 1.0, total)
-  return tf.clip_by_value(j, 0, in_size - 1), w
+  i = np.arange(max(blocks) * _BLOCK, dtype=np.float32) + np.float32(0.5)
+  centers = (i.reshape(1, -1, _BLOCK) - shift) * inv  # [2, blocks, B]
+  # Each block reads `span` input indices from its first tap on.
+  first = (i[::_BLOCK].reshape(1, -1, 1) - shift) * inv  # [2, blocks, 1]
+  start = tf.cast(tf.floor(first - 2.0 * stretch), tf.int32)
+  spans = tf.math.ceil((_BLOCK - 1) * inv + 4.0 * stretch)
+  spans = tf.reshape(tf.cast(spans, tf.int32), [2]) + 2
+  j = start + tf.range(tf.reduce_max(spans))  # [2, blocks, span]
+  # Taps outside the image, and outputs centered outside it, are moved out
+  # of the kernel's reach; coordinates are divided by the stretch here, on
+  # the small tensors.
+  pos = (tf.cast(j, tf.float32) + 0.5) / stretch
+  pos = tf.where((j >= 0) & (j < in_size), pos, _FAR)
+  inside = (centers >= 0.0) & (centers <= tf.cast(in_size, tf.float32))
+  centers = tf.where(inside, centers / stretch, -_FAR)
+  w = _keys_cubic(tf.expand_dims(pos, 2) - tf.expand_dims(centers, 3))
+  w = tf.math.divide_no_nan(w, tf.reduce_sum(w, axis=-1, keepdims=True))
+  # The window: all indices the blocks read (start grows with the block),
+  # at least one pixel of the image.
+  lo = tf.reduce_min(start, axis=[1, 2], keepdims=True)
+  lo = tf.clip_by_value(lo, 0, in_size - 1)
+  hi = tf.reduce_max(start, axis=[1, 2], keepdims=True) + spans[:, None, None]
+  hi = tf.clip_by_value(hi, lo + 1, in_size)
+  idx = tf.clip_by_value(j, lo, hi - 1) - lo
+  rows, cols = tf.unstack(idx)
+  wy, wx = tf.unstack(w)
+  span_h, span_w = tf.unstack(spans)
+  return _Plan(
+    begin=tf.concat([tf.reshape(lo, [2]), [0]], 0),
+    size=tf.concat([tf.reshape(hi - lo, [2]), [-1]], 0),
+    rows=rows[: blocks[0], :span_h],
+    wy=wy[: blocks[0], :, :span_h],
+    cols=cols[: blocks[1], :span_w],
+    wx=wx[: blocks[1], :, :span_w],
+    out_h=out_h,
+    out_w=out_w,
+  )
+
+
+def _resample(window, plan: _Plan):
+  """Resamples `window` [h, w, 3] (uint8 or float), the plan's window.
+
+  Rows first, on every column of the window, then columns. The rows are
+  gathered before the cast to float32: a quarter of the bytes to move.
+  """
+  width = tf.shape(window)[1]
+  x = tf.gather(window, plan.rows)  # [blocks, span, w, 3]
+  blocks = -(-plan.out_h // _BLOCK)
+  x = tf.cast(tf.reshape(x, [blocks, -1, width * 3]), tf.float32)
+  v = tf.matmul(plan.wy, x)  # [blocks, _BLOCK, w * 3]
+  v = tf.reshape(v, [-1, width, 3])[: plan.out_h]
+  v = tf.reshape(tf.transpose(v, [1, 0, 2]), [width, plan.out_h * 3])
+  z = tf.matmul(plan.wx, tf.gather(v, plan.cols))  # [blocks, B, out_h * 3]
+  z = tf.reshape(z, [-1, plan.out_h, 3])[: plan.out_w]
+  return tf.transpose(z, [1, 0, 2])
 
 
 def _scale_translate(image, out_h, out_w, scale, translation):
@@ -107,35 +176,42 @@ def _scale_translate(image, out_h, out_w, scale, translation):
   / scale - 0.5, the convention of tf.raw_ops.ScaleAndTranslate
   (tf.image.resize(antialias=True) is translation = 0, scale = out / in),
   whose results this reproduces to float rounding at about twice its speed.
-  Rows are resampled first (on the input columns the output needs), then
-  columns. out_h and out_w must be Python ints.
+  out_h and out_w must be Python ints.
   """
-  shape = tf.shape(image)
-  height, width = shape[0], shape[1]
-  rows, wy = _block_weights(height, out_h, scale[0], translation[0])
-  cols, wx = _block_weights(width, out_w, scale[1], translation[1])
-  c0 = tf.reduce_min(cols)
-  c1 = tf.reduce_max(cols) + 1
-  x = tf.cast(image[:, c0:c1], tf.float32)
-  n_cols = c1 - c0
-  x = tf.reshape(x, [height, n_cols * 3])
-  v = tf.matmul(wy, tf.gather(x, rows))  # [blocks, _BLOCK, n_cols * 3]
-  v = tf.reshape(v, [-1, n_cols, 3])[:out_h]
-  v = tf.reshape(tf.transpose(v, [1, 0, 2]), [n_cols, out_h * 3])
-  z = tf.matmul(wx, tf.gather(v, cols - c0))  # [blocks, _BLOCK, out_h * 3]
-  z = tf.reshape(z, [-1, out_h, 3])[:out_w]
-  return tf.transpose(z, [1, 0, 2])
+  plan = _plan(tf.shape(image)[:2], out_h, out_w, scale, translation)
+  return _resample(tf.slice(image, plan.begin, plan.size), plan)
 
 
-def resized_shape(height, width, size: int):
-  """torchvision Resize(size): shorter side -> size, longer side truncated."""
-  height = tf.cast(height, tf.int64)
-  width = tf.cast(width, tf.int64)
-  size = tf.constant(size, tf.int64)
-  # int(size * long / short) == (size * long) // short for positive ints.
-  new_h = tf.where(height <= width, size, (size * height) // width)
-  new_w = tf.where(height <= width, (size * width) // height, size)
-  return tf.cast(new_h, tf.int32), tf.cast(new_w, tf.int32)
+def resized_shape(hw, size: int):
+  """torchvision Resize(size) of an [H, W] image -> int32 [2].
+
+  The shorter side becomes size, the longer one is scaled and truncated.
+  """
+  hw = tf.cast(hw, tf.int64)
+  # int(size * long / short) == (size * long) // short for positive ints,
+  # and the shorter side gives size * short // short == size.
+  return tf.cast(size * hw // tf.reduce_min(hw), tf.int32)
+
+
+def _eval_plan(hw, size: int) -> _Plan:
+  """The plan of Resize(size, bicubic) + CenterCrop(size) of an [H, W] image.
+
+  Only the cropped window is computed: the kernel still reads the pixels
+  around it, so this equals resizing the whole image and then cropping, as
+  torchvision does.
+  """
+  new = tf.cast(resized_shape(hw, size), tf.float32)
+  # torchvision: int(round((H - size) / 2)), round half to even like tf.round.
+  offset = tf.round((new - size) / 2.0)
+  scale = new / tf.cast(hw, tf.float32)
+  return _plan(hw, size, size, scale, -offset)
+
+
+def _finish(out, size):
+  # PIL writes uint8: bicubic overshoot is clipped and values rounded.
+  out = tf.clip_by_value(tf.round(out), 0.0, 255.0)
+  out.set_shape([size, size, 3])
+  return out
 
 
 def eval_resize_crop(image: tf.Tensor, size: int = 224) -> tf.Tensor:
@@ -145,22 +221,8 @@ def eval_resize_crop(image: tf.Tensor, size: int = 224) -> tf.Tensor:
   still reads the pixels around it, so this equals resizing the whole image
   and then cropping, as torchvision does.
   """
-  shape = tf.shape(image)
-  height, width = shape[0], shape[1]
-  new_h, new_w = resized_shape(height, width, size)
-  # torchvision: int(round((H - size) / 2)), round half to even like tf.round.
-  top = tf.round(tf.cast(new_h - size, tf.float32) / 2.0)
-  left = tf.round(tf.cast(new_w - size, tf.float32) / 2.0)
-  scale = tf.stack(
-    [
-      tf.cast(new_h, tf.float32) / tf.cast(height, tf.float32),
-      tf.cast(new_w, tf.float32) / tf.cast(width, tf.float32),
-    ]
-  )
-  out = _scale_translate(image, size, size, scale, tf.stack([-top, -left]))
-  out = _to_uint8_range(out)
-  out.set_shape([size, size, 3])
-  return out
+  plan = _eval_plan(tf.shape(image)[:2], size)
+  return _finish(_resample(tf.slice(image, plan.begin, plan.size), plan), size)
 
 
 def rrc_window(height, width, seed, scale=RRC_SCALE, ratio=RRC_RATIO):
@@ -227,14 +289,11 @@ def random_resized_crop(
   """
   shape = tf.shape(image)
   top, left, crop_h, crop_w = rrc_window(shape[0], shape[1], seed, scale, ratio)
-  crop = image[top : top + crop_h, left : left + crop_w]
-  s = tf.stack(
-    [size / tf.cast(crop_h, tf.float32), size / tf.cast(crop_w, tf.float32)]
-  )
-  out = _scale_translate(crop, size, size, s, tf.zeros([2]))
-  out = _to_uint8_range(out)
-  out.set_shape([size, size, 3])
-  return out
+  crop = tf.stack([crop_h, crop_w])
+  plan = _plan(crop, size, size, size / tf.cast(crop, tf.float32), [0.0, 0.0])
+  # The window of the crop that the taps read, cut from the image at once.
+  window = tf.slice(image, plan.begin + tf.stack([top, left, 0]), plan.size)
+  return _finish(_resample(window, plan), size)
 
 
 def random_flip(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
@@ -252,10 +311,14 @@ def normalize(image: tf.Tensor) -> tf.Tensor:
   std = np.asarray(CLIP_STD, np.float32)
   scale = 1.0 / (255.0 * std)
   offset = -np.asarray(CLIP_MEAN, np.float32) / std
-  shape = tf.shape(image)
-  rows = tf.reshape(tf.cast(image, tf.float32), [shape[0], shape[1] * 3])
-  rows = rows * tf.tile(scale, [shape[1]]) + tf.tile(offset, [shape[1]])
-  return tf.reshape(rows, shape)
+  width = image.shape[1]
+  if width is None:
+    width = tf.shape(image)[1]
+    scale, offset = tf.tile(scale, [width]), tf.tile(offset, [width])
+  else:  # Static: constants, no ops per image.
+    scale, offset = np.tile(scale, width), np.tile(offset, width)
+  rows = tf.reshape(tf.cast(image, tf.float32), [-1, width * 3])
+  return tf.reshape(rows * scale + offset, tf.shape(image))
 
 
 def example_seed(seed, epoch, index):
