@@ -212,6 +212,27 @@ def test_alignment_matches_a_direct_computation(mode):
     assert_tree_close(seq["mean"], out["mean"], 1e-4, 1e-6)
 
 
+def test_a_zero_gradnet_measures_the_fixed_reg_rule():
+  # notebooks/gradient_alignment.ipynb measures the fixed-regularizer run
+  # with ProMetaR's rule and a zero gradnet (gate sigmoid(0) = 0.5), so
+  # that one compilation serves every run.
+  clip, feats, spec, params, gnet, pool = pool_setup(mode="prometar")
+  fixed = analysis.with_mode(spec, "fixed_reg")
+  assert fixed.meta.fixed_gamma == 0.5
+  zero = jax.tree.map(jnp.zeros_like, gnet)
+  key = jax.random.key(1)
+  got = analysis.alignment(
+    params, zero, clip, feats, pool, key, spec=spec, **KW
+  )
+  want = analysis.alignment(
+    params, {}, clip, feats, pool, key, spec=fixed, **KW
+  )
+  for key in ("cos", "dot", "norm"):
+    assert_tree_close(got["mean"][key], want["mean"][key], 1e-5, 1e-7)
+  for x in jax.tree.leaves(got["per_split"]["gammas"]):
+    np.testing.assert_array_equal(x, 0.5)
+
+
 def test_heldout_gradient_replaces_the_query_gradient():
   clip, feats, spec, params, gnet, pool = pool_setup()
   rng = np.random.default_rng(5)
