@@ -35,7 +35,7 @@ method shares the recipe; the method is the only difference between rows.
 Expected (average Base / New / HM of the three tasks, seeds 1-3; the
 per-task table is in docs/demo.md):
   Zero-shot CLIP 46.69 / 39.81 / 42.98
-  CoOp           63.58 / 50.34 / 56.19
+  CoOp           63.58 / 50.27 / 56.15
   IVLP           71.48 / 45.18 / 55.37
   ProMetaR       71.11 / 45.82 / 55.73
 """
