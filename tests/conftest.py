@@ -6,6 +6,7 @@ are perturbed away from their constant init: constants would hide a wrong
 name mapping (ln1 <-> ln2, q <-> k).
 """
 
+import contextlib
 import json
 import os
 import pathlib
@@ -82,6 +83,20 @@ TINY_CONFIGS = {
 }
 
 VOCAB_SIZE = 1000
+
+
+@contextlib.contextmanager
+def fast_compilation():
+  """XLA with most optimizations off (tiny test programs: compile time is
+  what costs), restored afterwards."""
+  import jax
+
+  before = jax.config.values["jax_disable_most_optimizations"]
+  jax.config.update("jax_disable_most_optimizations", True)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_disable_most_optimizations", before)
 
 
 def make_hf_clip(folder, spec, seed=0):

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import test_meta_step as tms
+from conftest import fast_compilation
 
 from prometar_jax import analysis, checkpoint, meta_step
 from prometar_jax.analysis import measures
@@ -26,10 +27,8 @@ _task_and_reg_grads = jax.jit(
 
 @pytest.fixture(autouse=True, scope="module")
 def fast_compile():
-  before = jax.config.values["jax_disable_most_optimizations"]
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", before)
+  with fast_compilation():
+    yield
 
 
 def pool_setup(dtype=jnp.float32, mode="prometar"):

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import pytest
 import train_testlib  # noqa: F401  (puts the repo root on sys.path)
+from conftest import fast_compilation
 
 from configs import demo as demo_config
 from prometar_jax import results
@@ -49,10 +50,8 @@ def micro_clip(tmp_path_factory):
 
 @pytest.fixture
 def fast_compile():
-  before = jax.config.values["jax_disable_most_optimizations"]
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", before)
+  with fast_compilation():
+    yield
 
 
 def test_world_is_a_function_of_the_seed():

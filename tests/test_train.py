@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import train_testlib as tl
+from conftest import fast_compilation
 
 from configs import common, domain_generalization
 from prometar_jax import checkpoint, results, schedules, sharding, train
@@ -133,10 +134,8 @@ def test_killed_run_resumes_bit_identical(e2e, assets, tmp_path):
 @pytest.fixture
 def like_subprocesses():
   """Compile in this process as the subprocess runs do (same numerics)."""
-  before = jax.config.values["jax_disable_most_optimizations"]
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", before)
+  with fast_compilation():
+    yield
 
 
 def test_eval_only_reproduces_accuracies(
