@@ -179,6 +179,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     # Pad the class axis to a multiple of this (masked classes): datasets
     # of different class counts then share one compiled step.
     class_multiple=1,
+    # Group the class prompts by token length (at most this many groups) so
+    # the text tower runs over fewer positions; exact. 1: one group.
+    text_buckets=2,
     # RandomResizedCrop's area range for training images (Dassl: 0.08-1).
     crop_scale=(0.08, 1.0),
     # Read images from a TFDS build of the CoOp folders (data.build_tfds)

@@ -123,6 +123,79 @@ def trim_token_ids(token_ids: np.ndarray, multiple: int = 1) -> np.ndarray:
   return ids[:, :length]
 
 
+def bucket_token_ids(
+  token_ids: np.ndarray, max_buckets: int = 2, multiple: int = 8
+):
+  """Class prompts in groups of similar length, each trimmed to its longest.
+
+  Exact (see `trim_token_ids`), and the text tower runs over fewer token
+  positions: real class names are mostly short with a long tail, so one
+  trim length set by the longest name wastes most positions of the others.
+  A group is kept only if it saves at least a fifth of the positions of the
+  grouping with one group fewer (each group is one more text-tower call).
+
+  Args:
+    token_ids: [C, L] class prompt ids.
+    max_buckets: at most this many groups (1: the trimmed ids, unchanged).
+    multiple: round each group's length up to a multiple of this.
+
+  Returns:
+    The trimmed [C, L'] array when one group is best; otherwise
+    {"buckets": ([C_b, L_b] ids, ...) shortest first, "order": [C] int32},
+    where `order[c]` is class c's row in the concatenated buckets (what
+    `encode_text` gathers).
+  """
+  ids = np.asarray(token_ids)
+  eot = np.argmax(ids == ids.max(axis=1, keepdims=True), axis=1)
+  lengths = np.minimum(-(-(eot + 1) // multiple) * multiple, ids.shape[1])
+  values = np.unique(lengths)  # candidate group lengths, ascending
+  counts = np.array([np.sum(lengths == v) for v in values])
+  # best[k][j]: fewest positions covering values[:j + 1] with k + 1 groups.
+  n = len(values)
+  inf = float("inf")
+  best = np.full((max_buckets, n), inf)
+  cut = np.zeros((max_buckets, n), int)
+  for j in range(n):
+    best[0, j] = counts[: j + 1].sum() * values[j]
+  for k in range(1, max_buckets):
+    for j in range(n):
+      for i in range(j):  # the last group holds values[i + 1 : j + 1]
+        cost = best[k - 1, i] + counts[i + 1 : j + 1].sum() * values[j]
+        if cost < best[k, j]:
+          best[k, j], cut[k, j] = cost, i
+  groups = 1
+  for k in range(1, max_buckets):
+    if best[k, n - 1] <= 0.8 * best[groups - 1, n - 1]:
+      groups = k + 1
+  if groups == 1:
+    return ids[:, : int(values[-1])]
+  tops, j = [], n - 1
+  for k in range(groups - 1, -1, -1):
+    tops.append(int(values[j]))
+    j = cut[k, j]
+  tops = tops[::-1]
+  buckets, rows = [], []
+  lower = 0
+  for top in tops:
+    members = np.flatnonzero((lengths > lower) & (lengths <= top))
+    buckets.append(ids[members, :top])
+    rows.append(members)
+    lower = top
+  order = np.empty(len(ids), np.int32)
+  order[np.concatenate(rows)] = np.arange(len(ids), dtype=np.int32)
+  return {"buckets": tuple(buckets), "order": order}
+
+
+def encode_text(clip: clip_lib.CLIP, token_ids, text_prompts):
+  """Unnormalized text features [C, D] of [C, L] ids or `bucket_token_ids`."""
+  if isinstance(token_ids, dict):
+    parts = [
+      clip.encode_text(ids, text_prompts) for ids in token_ids["buckets"]
+    ]
+    return jnp.concatenate(parts)[token_ids["order"]]
+  return clip.encode_text(token_ids, text_prompts)
+
+
 def class_token_ids(
   config: PromptConfig,
   clip: clip_lib.CLIP,
@@ -191,9 +264,12 @@ def tower_prompts(params: PyTree, config: PromptConfig):
 
 
 def encode(params, clip: clip_lib.CLIP, token_ids, images, config):
-  """Unnormalized prompted (text [C, D], image [N, D]) features."""
+  """Unnormalized prompted (text [C, D], image [N, D]) features.
+
+  `token_ids`: [C, L] ids, or groups of them from `bucket_token_ids`.
+  """
   text_prompts, vision_prompts = tower_prompts(params, config)
-  text = clip.encode_text(token_ids, text_prompts)
+  text = encode_text(clip, token_ids, text_prompts)
   image = clip.encode_image(images, vision_prompts)
   return text, image
 

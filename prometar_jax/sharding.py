@@ -102,28 +102,40 @@ def pad_classes(feats: dict[str, np.ndarray], multiple: int) -> dict:
   """Pads the class axis of class features to a multiple of `multiple`.
 
   Padded classes get the token ids of class 0 (any valid prompt: their
-  logits are masked), zero teacher rows and class_mask False.
+  logits are masked), zero teacher rows and class_mask False. Grouped token
+  ids (`prompt_learners.bucket_token_ids`) pad each group to the multiple
+  (its rows are never gathered) and point the padded classes at row 0.
 
   Args:
-    feats: {"token_ids": [C, L], "class_mask": [C] bool, and optionally
-      "teacher": [C, D]} numpy arrays.
+    feats: {"token_ids": [C, L] or grouped ids, "class_mask": [C] bool, and
+      optionally "teacher": [C, D]} numpy arrays.
     multiple: the device count of the class axis.
 
   Returns:
     The same keys with leading axis round_up(C, multiple).
   """
-  c = len(feats["token_ids"])
-  pad = round_up(c, multiple) - c
-  if pad == 0:
-    return dict(feats)
+
+  def pad(v, count, fill_from_first):
+    v = np.asarray(v)
+    if count == 0:
+      return v
+    if fill_from_first:
+      fill = np.repeat(v[:1], count, axis=0)
+    else:
+      fill = np.zeros((count,) + v.shape[1:], v.dtype)
+    return np.concatenate([v, fill])
+
+  c = len(feats["class_mask"])
+  extra = round_up(c, multiple) - c
   out = {}
   for k, v in feats.items():
-    v = np.asarray(v)
-    if k == "token_ids":
-      fill = np.repeat(v[:1], pad, axis=0)
+    if k == "token_ids" and isinstance(v, dict):
+      buckets = tuple(
+        pad(b, round_up(len(b), multiple) - len(b), True) for b in v["buckets"]
+      )
+      out[k] = {"buckets": buckets, "order": pad(v["order"], extra, False)}
     else:
-      fill = np.zeros((pad,) + v.shape[1:], v.dtype)
-    out[k] = np.concatenate([v, fill])
+      out[k] = pad(v, extra, k == "token_ids")
   return out
 
 
@@ -147,4 +159,4 @@ def put_class_features(
   if multiple > 1:
     feats = pad_classes(feats, multiple)
   sharding = class_sharding(mesh, shard_classes)
-  return {k: jax.device_put(np.asarray(v), sharding) for k, v in feats.items()}
+  return jax.tree.map(lambda v: jax.device_put(np.asarray(v), sharding), feats)

@@ -227,9 +227,14 @@ def make_train_step(
 
 
 def class_features(
-  spec, clip, classnames, mesh, shard_classes, multiple=1
+  spec, clip, classnames, mesh, shard_classes, multiple=1, text_buckets=1
 ) -> dict:
-  """Token ids, the 60-template teacher T0 and the mask, on the mesh."""
+  """Token ids, the 60-template teacher T0 and the mask, on the mesh.
+
+  With `text_buckets` > 1 the class prompts are grouped by length
+  (`prompt_learners.bucket_token_ids`, exact); not with class padding
+  (`multiple` > 1), whose point is one shape for every dataset.
+  """
   ids = pl.class_token_ids(spec.prompt, clip, classnames)
   teacher = np.asarray(zeroshot.teacher_text_features(clip, classnames))
   feats = {
@@ -237,6 +242,8 @@ def class_features(
     "teacher": teacher.astype(np.float32),
     "class_mask": np.ones(len(ids), bool),
   }
+  if text_buckets > 1 and multiple == 1:
+    feats["token_ids"] = pl.bucket_token_ids(ids, text_buckets)
   return sharding_lib.put_class_features(feats, mesh, shard_classes, multiple)
 
 
@@ -453,6 +460,7 @@ def _train(
     mesh,
     shard_classes,
     config.data.class_multiple,
+    config.data.text_buckets,
   )
   step_fn = make_train_step(spec, mesh, shard_classes, layout.sharded)
   logger = _Logger(run_dir, total, start, desc, config.progress_bar)

@@ -8,7 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TINY_CONFIGS, random_token_ids, write_tiny_tokenizer
+from conftest import (
+  TINY_CONFIGS,
+  VOCAB_SIZE,
+  random_token_ids,
+  write_tiny_tokenizer,
+)
 
 from prometar_jax.models import clip as clip_lib
 
@@ -328,3 +333,41 @@ def test_truncated_text_tower_equals_full_77_tokens(hf_clips):
       full = clip.encode_text(ids, p)
       short = clip.encode_text(trimmed, p)
       np.testing.assert_allclose(short, full, atol=1e-6, rtol=0)
+
+
+def test_text_in_length_groups_equals_one_trim_and_full_77(hf_clips):
+  """Each group trimmed to its own longest prompt gives the same features."""
+  from prometar_jax import prompt_learners as pl
+
+  folder, _ = hf_clips["p8_quickgelu"]
+  clip = clip_lib.load(folder)
+  eos = clip.config.eos_token_id
+  rng = np.random.default_rng(5)
+  # Mostly short prompts and a long tail, as real class names.
+  name_lengths = [1, 2, 1, 3, 25, 2, 1, 12, 2]
+  ids = np.zeros((len(name_lengths), 77), np.int64)
+  for i, k in enumerate(name_lengths):
+    ids[i, 0] = VOCAB_SIZE - 2
+    ids[i, 1 : 1 + k] = rng.integers(3, VOCAB_SIZE - 3, k)
+    ids[i, 1 + k] = eos
+  grouped = pl.bucket_token_ids(ids, max_buckets=3, multiple=4)
+  # Lengths 2 + k round up to 4, 4, 4, 8, 28, 4, 4, 16, 4. One trim: 9 x 28
+  # = 252 positions; best two groups {4} {8, 16, 28}: 24 + 84 = 108 (kept:
+  # <= 0.8 x 252); best three {4} {8, 16} {28}: 24 + 32 + 28 = 84 (kept:
+  # <= 0.8 x 108).
+  shapes = [b.shape for b in grouped["buckets"]]
+  assert shapes == [(6, 4), (2, 16), (1, 28)]
+  depth = min(2, clip.config.text.layers)
+  prompts = rng.normal(0, 0.3, (depth, 1, clip.config.text.width))
+  prompts = prompts.astype(np.float32)
+  for p in (None, prompts):
+    full = clip.encode_text(ids, p)
+    # Same math; only float32 summation order differs with the row count.
+    np.testing.assert_allclose(
+      pl.encode_text(clip, grouped, p), full, atol=1e-6, rtol=1e-5
+    )
+  # No group is kept unless it saves a fifth of the positions.
+  same = ids[[0, 2, 6]]
+  kept = pl.bucket_token_ids(same, max_buckets=3, multiple=4)
+  assert isinstance(kept, np.ndarray) and kept.shape == (3, 4)
+  assert isinstance(pl.bucket_token_ids(ids, max_buckets=1), np.ndarray)

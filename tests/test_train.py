@@ -20,6 +20,7 @@ from conftest import fast_compilation
 
 from configs import common, domain_generalization
 from prometar_jax import checkpoint, results, schedules, sharding, train
+from prometar_jax import prompt_learners as pl
 from prometar_jax.data import synthetic
 
 ARG = "dataset=eurosat,seeds=1,2"
@@ -282,6 +283,28 @@ def test_pad_classes_masks_padding():
     want = sharding.round_up(3, np.lcm(multiple, mesh.size))
     assert put["class_mask"].shape == (want,)
     assert int(put["class_mask"].sum()) == 3
+
+
+def test_pad_classes_pads_each_length_group():
+  ids = np.zeros((5, 77), np.int32)
+  ids[:, 0] = 98
+  for c, k in enumerate([1, 2, 20, 1, 3]):
+    ids[c, 1 + k] = 99
+  grouped = pl.bucket_token_ids(ids, max_buckets=2)
+  assert [b.shape for b in grouped["buckets"]] == [(4, 8), (1, 24)]
+  feats = {"token_ids": grouped, "class_mask": np.ones(5, bool)}
+  out = sharding.pad_classes(feats, 4)
+  buckets = out["token_ids"]["buckets"]
+  assert [b.shape for b in buckets] == [(4, 8), (4, 24)]
+  np.testing.assert_array_equal(buckets[1][1:], np.repeat(buckets[1][:1], 3, 0))
+  # Classes 0..4 keep their rows; the padded classes point at row 0.
+  np.testing.assert_array_equal(
+    out["token_ids"]["order"], [0, 1, 4, 2, 3, 0, 0, 0]
+  )
+  np.testing.assert_array_equal(out["class_mask"], [1] * 5 + [0] * 3)
+  mesh = sharding.make_mesh(-1)
+  put = sharding.put_class_features(feats, mesh, True)
+  assert put["token_ids"]["order"].shape == (sharding.round_up(5, mesh.size),)
 
 
 def test_batch_layout_replicates_indivisible_batches():
