@@ -68,22 +68,30 @@ def tower_flops(width, mlp, layers, tokens, seq):
   return per_token_layer * layers * tokens
 
 
-def step_flops(n_classes, text_len):
+def text_groups(token_ids):
+  """[(classes, length)] of class prompts, grouped or not."""
+  if isinstance(token_ids, dict):
+    return [tuple(b.shape) for b in token_ids["buckets"]]
+  return [tuple(token_ids.shape)]
+
+
+def step_flops(groups):
   """Model FLOPs of one step, counted from its passes.
 
-  U = one prompted forward of both towers (4 images of 201 tokens, C
-  prompts of text_len tokens). Gradients are taken w.r.t. prompts only, so a
-  backward pass costs one forward (input gradients, no weight gradients):
-  frozen image features (1 plain image forward), stage 1 (1 forward + 2
-  backward = 3U), the meta part (inner forward + 2 backward + query forward
-  = 4U, and its reverse pass = 4U).
+  Gradients are taken w.r.t. prompts only, so a backward pass costs one
+  forward (input gradients, no weight gradients). Per step: the frozen image
+  features (1 plain image forward); stage 1 (1 forward + 2 backward = 3
+  passes); the inner step (3 passes and their reverse: 6) on B - 1 images
+  (`meta_step.support_slots`) and all classes; the query loss (forward and
+  backward: 2 passes). Images: 4 of 201 tokens; text: the class prompts in
+  `groups` of (classes, length).
   """
   vis_tokens = 1 + 14 * 14 + N_CTX
   f_v = tower_flops(768, 3072, 12, BATCH * vis_tokens, vis_tokens)
   f_v += 2 * BATCH * 196 * (3 * 16 * 16) * 768  # patch embedding
-  f_t = tower_flops(512, 2048, 12, n_classes * text_len, text_len)
-  u = f_v + f_t
-  return f_v + 3 * u + 8 * u
+  f_t = sum(tower_flops(512, 2048, 12, c * n, n) for c, n in groups)
+  inner_v = f_v * (BATCH - 1) / BATCH
+  return f_v + 3 * (f_v + f_t) + 6 * (inner_v + f_t) + 2 * (f_v + f_t)
 
 
 def matmul_flops_per_s(dtype, n=4096, reps=5):
@@ -111,7 +119,7 @@ def peak_memory_gib():
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def run_point(n_classes, dtype_name, steps, remat, eval_batch):
+def run_point(n_classes, dtype_name, steps, remat, eval_batch, text_buckets):
   """One measurement in this process; returns a dict of figures."""
   import jax
   import jax.numpy as jnp
@@ -125,12 +133,12 @@ def run_point(n_classes, dtype_name, steps, remat, eval_batch):
   cfg = clip_lib.VIT_B16
   params = clip_lib.init_params(cfg, jax.random.key(0))
   clip = clip_lib.CLIP(cfg, params, dtype=dtype, remat=remat)
-  ids = pl.trim_token_ids(realistic_prompt_ids(n_classes), multiple=8)
-  text_len = ids.shape[1]
+  ids = pl.bucket_token_ids(realistic_prompt_ids(n_classes), text_buckets)
+  groups = text_groups(ids)
   rng = np.random.default_rng(0)
   teacher = rng.normal(size=(n_classes, 512)).astype(np.float32)
   feats = {
-    "token_ids": jnp.asarray(ids),
+    "token_ids": jax.tree.map(jnp.asarray, ids),
     "teacher": clip_lib.normalize(jnp.asarray(teacher)),
     "class_mask": jnp.ones((n_classes,), bool),
   }
@@ -174,12 +182,14 @@ def run_point(n_classes, dtype_name, steps, remat, eval_batch):
 
   timed = times[1:] or times  # --steps 0: one call (memory-only runs)
   step_s = statistics.median(timed)
-  flops = step_flops(n_classes, text_len)
+  flops = step_flops(groups)
   peak = matmul_flops_per_s(dtype)
   return {
     "classes": n_classes,
     "dtype": dtype_name,
-    "text_len": text_len,
+    "text_len": max(n for _, n in groups),
+    "text_groups": groups,
+    "text_positions": sum(c * n for c, n in groups),
     "step_s_median": step_s,
     "step_s_all": timed,
     "compile_s": compile_s,
@@ -197,7 +207,7 @@ def run_point(n_classes, dtype_name, steps, remat, eval_batch):
 
 def print_table(rows):
   head = (
-    f"{'classes':>7} {'dtype':>8} {'L':>3} {'step s':>8} {'x official':>10} "
+    f"{'classes':>7} {'dtype':>8} {'text pos':>8} {'step s':>8} {'x official':>10} "
     f"{'compile s':>9} {'peak GiB':>8} {'mem ratio':>9} {'eval img/s':>10} "
     f"{'TFLOP/s':>8} {'of matmul':>9}"
   )
@@ -209,7 +219,7 @@ def print_table(rows):
     speed = f"{off / r['step_s_median']:.2f}x" if off else "n/a"
     mem = f"{r['peak_rss_gib'] / off_mem:.2f}" if off_mem else "n/a"
     print(
-      f"{r['classes']:>7} {r['dtype']:>8} {r['text_len']:>3} "
+      f"{r['classes']:>7} {r['dtype']:>8} {r['text_positions']:>8} "
       f"{r['step_s_median']:>8.2f} {speed:>10} {r['compile_s']:>9.1f} "
       f"{r['peak_rss_gib']:>8.2f} {mem:>9} {r['eval_images_per_s']:>10.1f} "
       f"{r['achieved_tflop_s']:>8.3f} {r['fraction_of_matmul']:>9.2f}"
@@ -234,13 +244,26 @@ def main():
     choices=["auto", "on", "off"],
     help="auto: rematerialize blocks from 100 classes on (memory)",
   )
+  ap.add_argument(
+    "--text_buckets",
+    type=int,
+    default=2,
+    help="group class prompts by length (1: one trim for all classes)",
+  )
   ap.add_argument("--json", default=None, help="write the figures here")
   ap.add_argument("--point", default=None, help=argparse.SUPPRESS)
   args = ap.parse_args()
 
   if args.point:  # child process: one measurement, JSON on the last line
     n, dtype, remat = args.point.split(":")
-    row = run_point(int(n), dtype, args.steps, remat == "1", args.eval_batch)
+    row = run_point(
+      int(n),
+      dtype,
+      args.steps,
+      remat == "1",
+      args.eval_batch,
+      args.text_buckets,
+    )
     print(json.dumps(row))
     return
 
@@ -257,6 +280,8 @@ def main():
         str(args.steps),
         "--eval_batch",
         str(args.eval_batch),
+        "--text_buckets",
+        str(args.text_buckets),
       ]
       out = subprocess.run(cmd, capture_output=True, text=True)
       if out.returncode != 0:

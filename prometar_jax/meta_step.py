@@ -11,7 +11,8 @@ One iteration on a batch (x, y) of B images, theta = prompts, phi = gradnet:
    present, query / support masks, lambda ~ Beta(a, b) per sample and a
    partner drawn from the support. With a single class in the batch the meta
    part is skipped (`lax.cond`), exactly as the official code does.
-4. Inner update on the support: theta_hat = theta1 - adapt_lr * (g_ce + gamma
+4. Inner update on the support (gathered into B - 1 slots: the query class
+   always has a sample): theta_hat = theta1 - adapt_lr * (g_ce + gamma
    * g_reg) (paper Eq. 19); differentiated through by nesting `jax.grad`
    (second order), or with `stop_gradient` on the inner gradients
    (first order: phi still learns through gamma).
@@ -284,10 +285,31 @@ def query_loss(params, clip, feats, images, labels, task, spec: StepSpec):
   return loss, aux
 
 
+def support_slots(task) -> jax.Array:
+  """Indices of B - 1 samples that hold the whole support, support first.
+
+  The query class has at least one sample, so the support never fills the
+  batch: the inner step runs on B - 1 images (fixed shape) instead of B,
+  the rows that are not support masked out as before. Exact; it saves a
+  quarter of the inner step's image work at the batch size of 4.
+  """
+  support = task["support"]
+  slots = max(support.shape[0] - 1, 1)
+  return jnp.argsort(~support, stable=True)[:slots]
+
+
 def inner_adapt(theta, gnet, clip, feats, images, labels, v0, task, spec):
   """theta_hat = theta - adapt_lr * (g_ce + gamma * g_reg) on the support."""
+  slots = support_slots(task)
   g_ce, g_reg, aux = task_and_reg_grads(
-    theta, clip, feats, images, labels, v0, task["support"], spec
+    theta,
+    clip,
+    feats,
+    images[slots],
+    labels[slots],
+    v0[slots],
+    task["support"][slots],
+    spec,
   )
   if spec.meta.first_order:
     g_ce, g_reg = jax.lax.stop_gradient((g_ce, g_reg))
@@ -296,7 +318,8 @@ def inner_adapt(theta, gnet, clip, feats, images, labels, v0, task, spec):
     lambda p, g: p - spec.meta.adapt_lr * g, theta, direction
   )
   grads = {"grad_ce": g_ce, "grad_reg": g_reg, "gamma": gammas}
-  return adapted, {"forward": aux, **grads, "combined_grad": direction}
+  info = {"forward": aux, "slots": slots, **grads, "combined_grad": direction}
+  return adapted, info
 
 
 def meta_loss(theta, gnet, clip, feats, images, labels, v0, task, spec):

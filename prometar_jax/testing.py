@@ -186,13 +186,14 @@ def _replay(npz_path, hf_dir, dtype):
           w = tree[br][f"w{which + 1}"][i]
           out[f"{prefix}/{_gradnet_name(br, i, which)}"] = np.asarray(w).T
 
-  def put_forward(prefix, fwd, rows):
+  def put_forward(prefix, fwd, rows, batch_rows):
+    """`rows` of the forward's batch are the samples `batch_rows`."""
     out[f"{prefix}/forward/ce_loss"] = np.asarray(fwd["ce"])
     for name in ("text_features", "text_features_unnormalized"):
       out[f"{prefix}/forward/{name}"] = np.asarray(fwd[name])
     for name in ("image_features", "image_features_unnormalized", "logits"):
       out[f"{prefix}/forward/{name}"] = np.asarray(fwd[name])[rows]
-    out[f"{prefix}/forward/zs_image_features"] = np.asarray(v0)[rows]
+    out[f"{prefix}/forward/zs_image_features"] = np.asarray(v0)[batch_rows]
 
   def put_grads(prefix, g_ce, g_reg, state_gnet, combined):
     put_prompts(f"{prefix}/grad_ce", g_ce)
@@ -215,7 +216,7 @@ def _replay(npz_path, hf_dir, dtype):
     meta_step.task_and_reg_grads, static_argnames="spec"
   )(prompts, clip, feats, images, labels, v0, all_rows, spec)
   combined, _ = meta_step.combine(gnet, g_ce, g_reg, meta_cfg)
-  put_forward("stage1", fwd, np.arange(b))
+  put_forward("stage1", fwd, np.arange(b), np.arange(b))
   out["stage1/loss_ce"] = np.asarray(fwd["ce"])
   out["stage1/rag_text"] = np.asarray(fwd["r_text"])
   out["stage1/rag_image"] = np.asarray(fwd["r_image"])
@@ -235,7 +236,8 @@ def _replay(npz_path, hf_dir, dtype):
     meta_step.meta_gradients, static_argnames="spec"
   )(theta1, gnet, clip, feats, images, labels, v0, task, spec)
   inner = aux["inner"]
-  put_forward("inner", inner["forward"], s_ids)
+  slots = list(np.asarray(inner["slots"]))
+  put_forward("inner", inner["forward"], [slots.index(i) for i in s_ids], s_ids)
   out["inner/loss_ce"] = np.asarray(inner["forward"]["ce"])
   out["inner/rag_text"] = np.asarray(inner["forward"]["r_text"])
   out["inner/rag_image"] = np.asarray(inner["forward"]["r_image"])

@@ -325,6 +325,40 @@ def test_single_class_batch_skips_meta_part():
   assert max(moved) > 0
 
 
+def test_step_with_class_prompts_in_length_groups_equals_one_group():
+  # float64: the step amplifies float32 summation-order noise (gamma is
+  # steep here), and this checks the math, not the rounding.
+  with jax.enable_x64(True):
+    clip, feats, spec, state, batch = setup(jnp.float64)
+    rng = np.random.default_rng(7)
+    ids = np.zeros((N_CLS, 40), np.int32)
+    for c, k in enumerate([3, 30, 2, 3, 11]):
+      ids[c, 0] = 98
+      ids[c, 1 : 1 + k] = rng.integers(1, 90, k)
+      ids[c, 1 + k] = 99
+    grouped = pl.bucket_token_ids(ids, max_buckets=3, multiple=4)
+    assert [b.shape for b in grouped["buckets"]] == [(3, 8), (2, 32)]
+    step = meta_step.make_train_step(spec, donate=False)
+
+    def run(token_ids):
+      return step(
+        state, clip, dict(feats, token_ids=token_ids), batch, 0.01, 0.01
+      )
+
+    want, m_want = run(jnp.asarray(ids))
+    got, m_got = run(grouped)
+    assert float(m_got["meta_valid"]) == 1.0
+
+    def learned(s, m):
+      return jax.tree.leaves((s.prompts, s.gradnet, s.opt_prompts, m))
+
+    for a, b in zip(learned(got, m_got), learned(want, m_want)):
+      np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+    # The grouping matters: every class on one row's prompt differs.
+    _, m_wrong = run(dict(grouped, order=np.zeros(N_CLS, np.int32)))
+    assert abs(float(m_wrong["loss_ce"]) - float(m_want["loss_ce"])) > 1e-3
+
+
 def test_step_compiles_once_for_every_label_pattern():
   clip, feats, spec, state, batch = setup()
   traces = []
@@ -355,6 +389,11 @@ def test_sample_task_rules():
     lam = np.asarray(t["lam"])
     assert ((lam > 0) & (lam < 1)).all()
     assert bool(t["valid"])
+    # The inner step's B - 1 slots hold the whole support, support first.
+    slots = np.asarray(meta_step.support_slots(t))
+    assert len(slots) == len(set(slots.tolist())) == 5
+    k = int(support.sum())
+    assert set(slots[:k].tolist()) == set(np.flatnonzero(support).tolist())
   assert seen == {1, 3, 4}  # uniform over classes, not samples: all appear
   single = meta_step.sample_task(
     jax.random.key(0), jnp.asarray([2, 2]), 0.5, 0.5
