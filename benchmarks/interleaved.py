@@ -27,16 +27,14 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from prometar_jax import meta_step
 from prometar_jax import prompt_learners as pl
-from prometar_jax.models import clip as clip_lib
 
 try:
-  from benchmarks.step import BATCH, DEPTH, N_CTX, realistic_prompt_ids
+  from benchmarks.step import realistic_prompt_ids, step_inputs, text_groups
 except ImportError:  # run as a script from benchmarks/
-  from step import BATCH, DEPTH, N_CTX, realistic_prompt_ids
+  from step import realistic_prompt_ids, step_inputs, text_groups
 
 
 def all_rows(task):
@@ -50,26 +48,7 @@ def main():
   ap.add_argument("--rounds", type=int, default=4)
   args = ap.parse_args()
 
-  cfg = clip_lib.VIT_B16
-  clip = clip_lib.CLIP(cfg, clip_lib.init_params(cfg, jax.random.key(0)))
   raw = realistic_prompt_ids(args.classes)
-  rng = np.random.default_rng(0)
-  teacher = rng.normal(size=(args.classes, 512)).astype(np.float32)
-  common = {
-    "teacher": clip_lib.normalize(jnp.asarray(teacher)),
-    "class_mask": jnp.ones((args.classes,), bool),
-  }
-  spec = meta_step.StepSpec(
-    pl.PromptConfig(kind="ivlp", depth_text=DEPTH, depth_vision=DEPTH),
-    meta_step.MetaConfig(),
-  )
-  prompts = {
-    "text": 0.02 * jax.random.normal(jax.random.key(1), (DEPTH, N_CTX, 512)),
-    "vision": 0.02 * jax.random.normal(jax.random.key(2), (DEPTH, N_CTX, 768)),
-  }
-  state = meta_step.init_state(jax.random.key(3), prompts, spec)
-  images = jnp.asarray(rng.normal(size=(BATCH, 224, 224, 3)), jnp.float32)
-  batch = {"image": images, "label": jnp.asarray([0, 1, 0, 2], jnp.int32)}
   grouped = pl.bucket_token_ids(raw, 2)
   variants = {
     "one_trim": (pl.trim_token_ids(raw, multiple=8), all_rows),
@@ -82,7 +61,7 @@ def main():
   for name, (ids, slots) in variants.items():
     # Traced now, so the rows rule of this variant is baked into its step.
     meta_step.support_slots = slots
-    feats = dict(common, token_ids=jax.tree.map(jnp.asarray, ids))
+    clip, feats, spec, state, batch = step_inputs(args.classes, ids)
     args_ = (state, clip, feats, batch, 0.0025, 1e-6)
     step = jax.jit(functools.partial(meta_step.train_step, spec=spec))
     t = time.perf_counter()
@@ -90,10 +69,7 @@ def main():
     compile_s = time.perf_counter() - t
     out = jax.block_until_ready(fn(*args_))
     compiled[name] = (fn, args_, out[0].prompts)
-    positions = sum(
-      int(np.prod(b.shape))
-      for b in (ids["buckets"] if isinstance(ids, dict) else [ids])
-    )
+    positions = sum(c * n for c, n in text_groups(ids))
     print(f"{name}: compile {compile_s:.1f} s, {positions} text positions")
   meta_step.support_slots = current_slots
 

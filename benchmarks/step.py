@@ -119,8 +119,12 @@ def peak_memory_gib():
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def run_point(n_classes, dtype_name, steps, remat, eval_batch, text_buckets):
-  """One measurement in this process; returns a dict of figures."""
+def step_inputs(n_classes, token_ids, dtype_name="float32", remat=False):
+  """(clip, feats, spec, state, batch) of the benchmarked step.
+
+  Random ViT-B/16 weights, IVLP 4+4 prompts at depth 9, batch 4 with two
+  classes among four images (the meta part runs every step).
+  """
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -133,12 +137,10 @@ def run_point(n_classes, dtype_name, steps, remat, eval_batch, text_buckets):
   cfg = clip_lib.VIT_B16
   params = clip_lib.init_params(cfg, jax.random.key(0))
   clip = clip_lib.CLIP(cfg, params, dtype=dtype, remat=remat)
-  ids = pl.bucket_token_ids(realistic_prompt_ids(n_classes), text_buckets)
-  groups = text_groups(ids)
   rng = np.random.default_rng(0)
   teacher = rng.normal(size=(n_classes, 512)).astype(np.float32)
   feats = {
-    "token_ids": jax.tree.map(jnp.asarray, ids),
+    "token_ids": jax.tree.map(jnp.asarray, token_ids),
     "teacher": clip_lib.normalize(jnp.asarray(teacher)),
     "class_mask": jnp.ones((n_classes,), bool),
   }
@@ -152,9 +154,25 @@ def run_point(n_classes, dtype_name, steps, remat, eval_batch, text_buckets):
   }
   state = meta_step.init_state(jax.random.key(3), prompts, spec)
   images = jnp.asarray(rng.normal(size=(BATCH, 224, 224, 3)), jnp.float32)
-  # Two classes among four images: the meta part runs every step.
   labels = jnp.asarray([0, 1, 0, min(2, n_classes - 1)], jnp.int32)
   batch = {"image": images, "label": labels}
+  return clip, feats, spec, state, batch
+
+
+def run_point(n_classes, dtype_name, steps, remat, eval_batch, text_buckets):
+  """One measurement in this process; returns a dict of figures."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from prometar_jax import meta_step
+  from prometar_jax import prompt_learners as pl
+
+  ids = pl.bucket_token_ids(realistic_prompt_ids(n_classes), text_buckets)
+  groups = text_groups(ids)
+  clip, feats, spec, state, batch = step_inputs(
+    n_classes, ids, dtype_name, remat
+  )
   step = meta_step.make_train_step(spec)
   t0 = time.perf_counter()
   compiled = step.lower(state, clip, feats, batch, 0.0025, 1e-6).compile()
@@ -183,7 +201,7 @@ def run_point(n_classes, dtype_name, steps, remat, eval_batch, text_buckets):
   timed = times[1:] or times  # --steps 0: one call (memory-only runs)
   step_s = statistics.median(timed)
   flops = step_flops(groups)
-  peak = matmul_flops_per_s(dtype)
+  peak = matmul_flops_per_s(clip.dtype)
   return {
     "classes": n_classes,
     "dtype": dtype_name,
