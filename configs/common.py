@@ -180,7 +180,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     # of different class counts then share one compiled step.
     class_multiple=1,
     # Group the class prompts by token length (at most this many groups) so
-    # the text tower runs over fewer positions; exact. 1: one group.
+    # the text tower runs over fewer positions; exact. 1: one group. Not
+    # with class_multiple > 1 (that padding exists to keep one shape).
     text_buckets=2,
     # RandomResizedCrop's area range for training images (Dassl: 0.08-1).
     crop_scale=(0.08, 1.0),
