@@ -99,15 +99,19 @@ def class_prompt_texts(
   return [f"{prefix} {n}." for n in names]
 
 
-def prompt_length(token_ids: np.ndarray) -> int:
-  """Positions up to and including the longest prompt's (first) EOT token.
+def prompt_lengths(token_ids: np.ndarray) -> np.ndarray:
+  """[C] positions of each prompt up to and including its (first) EOT token.
 
   The EOT token has the largest id of its row (SOT/EOT are the last two ids
   of the CLIP vocabulary), which is also how both pooling rules find it.
   """
   ids = np.asarray(token_ids)
-  eot = np.argmax(ids == ids.max(axis=1, keepdims=True), axis=1)
-  return int(eot.max()) + 1
+  return np.argmax(ids == ids.max(axis=1, keepdims=True), axis=1) + 1
+
+
+def prompt_length(token_ids: np.ndarray) -> int:
+  """Positions up to and including the longest prompt's EOT token."""
+  return int(prompt_lengths(token_ids).max())
 
 
 def trim_token_ids(token_ids: np.ndarray, multiple: int = 1) -> np.ndarray:
@@ -146,21 +150,20 @@ def bucket_token_ids(
     `encode_text` gathers).
   """
   ids = np.asarray(token_ids)
-  eot = np.argmax(ids == ids.max(axis=1, keepdims=True), axis=1)
-  lengths = np.minimum(-(-(eot + 1) // multiple) * multiple, ids.shape[1])
-  values = np.unique(lengths)  # candidate group lengths, ascending
-  counts = np.array([np.sum(lengths == v) for v in values])
+  lengths = -(-prompt_lengths(ids) // multiple) * multiple
+  lengths = np.minimum(lengths, ids.shape[1])
+  # Candidate group lengths (ascending) and how many classes fit in each.
+  values, counts = np.unique(lengths, return_counts=True)
+  upto = np.cumsum(counts)  # classes of length <= values[j]
   # best[k][j]: fewest positions covering values[:j + 1] with k + 1 groups.
   n = len(values)
-  inf = float("inf")
-  best = np.full((max_buckets, n), inf)
+  best = np.full((max_buckets, n), float("inf"))
   cut = np.zeros((max_buckets, n), int)
-  for j in range(n):
-    best[0, j] = counts[: j + 1].sum() * values[j]
+  best[0] = upto * values
   for k in range(1, max_buckets):
     for j in range(n):
       for i in range(j):  # the last group holds values[i + 1 : j + 1]
-        cost = best[k - 1, i] + counts[i + 1 : j + 1].sum() * values[j]
+        cost = best[k - 1, i] + (upto[j] - upto[i]) * values[j]
         if cost < best[k, j]:
           best[k, j], cut[k, j] = cost, i
   groups = 1
@@ -168,7 +171,7 @@ def bucket_token_ids(
     if best[k, n - 1] <= 0.8 * best[groups - 1, n - 1]:
       groups = k + 1
   if groups == 1:
-    return ids[:, : int(values[-1])]
+    return trim_token_ids(ids, multiple)
   tops, j = [], n - 1
   for k in range(groups - 1, -1, -1):
     tops.append(int(values[j]))
