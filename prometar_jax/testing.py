@@ -1,4 +1,4 @@
-"""Replay of one official ProMetaR step (../shared/reference format).
+"""Replay of one official ProMetaR step (tests/data/reference format).
 
 `replay_official_step(npz_path, hf_dir)` loads the Hugging Face checkpoint,
 injects the recorded prompts, gradnet weights, batch and random choices into

@@ -4,18 +4,18 @@ The checkpoints are written with transformers' `CLIPModel.save_pretrained`, so
 the loader is tested on the real file format. LayerNorm and bias parameters
 are perturbed away from their constant init: constants would hide a wrong
 name mapping (ln1 <-> ln2, q <-> k).
+
+The reference (one official ProMetaR step) is kept in tests/data/reference:
+see its README.md and tests/reference_data.py.
 """
 
 import contextlib
 import json
 import os
-import pathlib
 
 import numpy as np
 import pytest
-
-REFERENCE_DIR = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared"
-REFERENCE_DIR = (REFERENCE_DIR / "reference").resolve()
+from reference_data import JSON_PATH, NPZ_PATH, rebuild_hf_folder
 
 # Three shapes that differ in everything the port could get wrong.
 TINY_CONFIGS = {
@@ -160,16 +160,17 @@ def tiny_clip_with_tokenizer(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def reference():
-  """The official one-step reference: (npz dict, json dict, tiny_hf dir)."""
-  npz = REFERENCE_DIR / "tiny_reference.npz"
-  if not npz.exists():
-    pytest.skip(f"reference data not found at {REFERENCE_DIR}")
-  with np.load(npz) as f:
+def reference(tmp_path_factory):
+  """The official one-step reference: (npz dict, json dict, tiny_hf dir).
+
+  tiny_hf is rebuilt from the pruned checkpoint in a temporary folder.
+  """
+  with np.load(NPZ_PATH) as f:
     arrays = {k: f[k] for k in f.files}
-  with open(REFERENCE_DIR / "tiny_reference.json") as f:
+  with open(JSON_PATH) as f:
     meta = json.load(f)
-  return arrays, meta, str(REFERENCE_DIR / "tiny_hf")
+  hf_dir = rebuild_hf_folder(tmp_path_factory.mktemp("tiny_hf"))
+  return arrays, meta, hf_dir
 
 
 def _byte_level_alphabet():

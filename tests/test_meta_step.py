@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+from reference_data import NPZ_PATH
 
 from prometar_jax import gradnet as gradnet_lib
 from prometar_jax import meta_step, testing
@@ -100,10 +101,7 @@ def fixed_task(labels, query_class, lam, partner):
 
 def test_replay_matches_official_step(reference):
   arrays, _, hf_dir = reference
-  from conftest import REFERENCE_DIR
-
-  npz_path = str(REFERENCE_DIR / "tiny_reference.npz")
-  out = testing.replay_official_step(npz_path, hf_dir)
+  out = testing.replay_official_step(str(NPZ_PATH), hf_dir)
   groups = ("stage1", "inner", "query", "meta", "after")
   wanted = [k for k in arrays if k.split("/")[0] in groups]
   assert sorted(k for k in out if k in arrays) == sorted(wanted)
