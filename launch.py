@@ -32,6 +32,15 @@ config_flags.DEFINE_config_file(
 flags.DEFINE_string("workdir", None, "Output folder (local or gs://).")
 flags.DEFINE_bool("eval_only", False, "Evaluate the latest checkpoints only.")
 flags.DEFINE_bool(
+  "archive_old_runs",
+  False,
+  "Move run folders of another configuration aside (<run>.archived-<time>) "
+  "and start them anew, instead of refusing.",
+)
+flags.DEFINE_bool(
+  "verbose", False, "Show the traceback of an expected failure too."
+)
+flags.DEFINE_bool(
   "distributed", False, "Call jax.distributed.initialize() (multi-host)."
 )
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
@@ -73,9 +82,46 @@ def parse_flags(argv):
     sys.exit(2)
 
 
+def _reason(e: BaseException) -> str:
+  """The message of an expected failure: what, where, what to do."""
+  if isinstance(e, OSError) and e.strerror and e.filename:
+    return f"{e.filename}: {e.strerror}"
+  return str(e) or type(e).__name__
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from prometar_jax.errors import RunError
+
+  try:
+    _main()
+  except (RunError, OSError, ValueError) as e:
+    if FLAGS.verbose:
+      raise
+    name = type(e).__name__
+    sys.stderr.write(
+      f"launch.py: {name}: {_reason(e)}\n(--verbose shows the traceback)\n"
+    )
+    _flush()
+    os._exit(1)  # not sys.exit: no waiting on library threads at exit
+  except KeyboardInterrupt:
+    sys.stderr.write(
+      "launch.py: interrupted; the same command resumes from the last "
+      "checkpoint\n"
+    )
+    _flush()
+    os._exit(130)
+
+
+def _flush():
+  for handler in py_logging.getLogger().handlers:
+    handler.flush()
+  sys.stdout.flush()
+  sys.stderr.flush()
+
+
+def _main():
   import tensorflow as tf
 
   tf.config.set_visible_devices([], "GPU")
@@ -103,11 +149,18 @@ def main(argv):
     # configs/demo.py with every method: the offline demo's table.
     from prometar_jax.demo import run as demo_run
 
-    demo_run.run_and_print(config, FLAGS.workdir)
+    demo_run.run_and_print(
+      config, FLAGS.workdir, archive_old_runs=FLAGS.archive_old_runs
+    )
   else:
     from prometar_jax import train
 
-    train.train_and_evaluate(config, FLAGS.workdir, eval_only=FLAGS.eval_only)
+    train.train_and_evaluate(
+      config,
+      FLAGS.workdir,
+      eval_only=FLAGS.eval_only,
+      archive_old_runs=FLAGS.archive_old_runs,
+    )
   if FLAGS.distributed:
     jax.distributed.shutdown()
 

@@ -188,6 +188,11 @@ def get_base_config() -> ml_collections.ConfigDict:
     # Read images from a TFDS build of the CoOp folders (data.build_tfds)
     # instead of the JPEG files, when set.
     tfds_dir="",
+    # Check every image of the sweep before training (prometar_jax/data/
+    # verify.py): training images are decoded; evaluation images too when
+    # there are at most verify_decode_max of them, else header-checked.
+    verify_images=True,
+    verify_decode_max=20000,
   )
   config.optim = dict(
     lr=0.0025,
@@ -225,6 +230,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     # Also save every n steps inside an epoch (0: only at epoch ends).
     every_steps=0,
   )
+  # The divergence guard (prometar_jax/guard.py): a run stops when a loss
+  # exceeds max_loss or the prompts' norm exceeds this many times its
+  # initial norm (finite blow-up), as well as on any NaN/inf.
+  config.guard = dict(max_prompt_norm_ratio=100.0, max_loss=1e4)
   config.log_every = 20
   config.progress_bar = True
   return config

@@ -18,6 +18,7 @@ read; `load_prompts` reads it back.
 
 from __future__ import annotations
 
+import errno
 import io
 from typing import Any
 
@@ -25,6 +26,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
+
+from prometar_jax import fileio
 
 PyTree = Any
 
@@ -67,10 +70,13 @@ class Checkpointer:
     # Synchronous saves: the state is small (prompts, gradnet, momentum)
     # and a returned save() is a committed checkpoint, which is what the
     # NaN guard and a kill right after an epoch rely on.
+    # A save that failed half-way (disk full, a kill) leaves a temporary
+    # folder: the next manager on this directory removes it.
     options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep,
       create=True,
       enable_async_checkpointing=False,
+      cleanup_tmp_directories=True,
     )
     self._mngr = ocp.CheckpointManager(
       directory, options=options, item_names=("state", "meta")
@@ -83,15 +89,25 @@ class Checkpointer:
     return list(self._mngr.all_steps())
 
   def save(self, step: int, state: PyTree, meta: dict) -> None:
-    self._mngr.save(
-      int(step),
-      args=ocp.args.Composite(
-        state=ocp.args.StandardSave(_to_saveable(state)),
-        meta=ocp.args.JsonSave(meta),
-      ),
-      force=True,
-    )
-    self._mngr.wait_until_finished()
+    """Saves and commits checkpoint `step`; OSError naming the cause."""
+    try:
+      self._mngr.save(
+        int(step),
+        args=ocp.args.Composite(
+          state=ocp.args.StandardSave(_to_saveable(state)),
+          meta=ocp.args.JsonSave(meta),
+        ),
+        force=True,
+      )
+      self._mngr.wait_until_finished()
+    except Exception as e:  # orbax/tensorstore wrap OS errors in their own
+      errno_, cause = os_cause(e)
+      raise OSError(
+        errno_,
+        f"cannot save checkpoint {step} in {self.directory}: {cause}. The "
+        "previous checkpoint is intact: free the space (or fix the folder) "
+        "and run the same command again to resume from it",
+      ) from e
 
   def restore(self, target: PyTree, step: int | None = None):
     """(state, meta) of `step` (default: the latest), laid out as `target`.
@@ -123,6 +139,38 @@ class Checkpointer:
     self._mngr.close()
 
 
+_OS_REASONS = {
+  errno.ENOSPC: "No space left on device",
+  errno.EDQUOT: "Disk quota exceeded",
+  errno.EROFS: "Read-only file system",
+  errno.EACCES: "Permission denied",
+}
+
+
+def os_cause(e: BaseException) -> tuple[int | None, str]:
+  """(errno, reason) of the OS error behind a wrapped exception.
+
+  Follows causes, contexts and exception groups; orbax and tensorstore
+  report an OS error as text inside their own exceptions, so the text is
+  searched too. Falls back to the first line of `e`.
+  """
+  seen, todo = set(), [e]
+  while todo:
+    x = todo.pop()
+    if x is None or id(x) in seen:
+      continue
+    seen.add(id(x))
+    if isinstance(x, OSError) and x.errno in _OS_REASONS:
+      return x.errno, _OS_REASONS[x.errno]
+    text = str(x)
+    for code, reason in _OS_REASONS.items():
+      if reason.lower() in text.lower():
+        return code, reason
+    todo += [x.__cause__, x.__context__, *getattr(x, "exceptions", ())]
+  first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+  return None, first[:300]
+
+
 def prompts_to_numpy(prompts: PyTree) -> dict[str, np.ndarray]:
   """{"text": ..., "proj/kernel": ...}: flat numpy arrays of the prompts."""
   flat = traverse_util.flatten_dict(dict(prompts), sep="/")
@@ -131,14 +179,9 @@ def prompts_to_numpy(prompts: PyTree) -> dict[str, np.ndarray]:
 
 def export_prompts(path: str, prompts: PyTree) -> None:
   """Writes the learned prompts to a .npz file (local or gs://)."""
-  import tensorflow as tf
-
   buf = io.BytesIO()
   np.savez(buf, **prompts_to_numpy(prompts))
-  tmp = f"{path}.tmp"
-  with tf.io.gfile.GFile(tmp, "wb") as f:
-    f.write(buf.getvalue())
-  tf.io.gfile.rename(tmp, path, overwrite=True)
+  fileio.write_atomically(path, buf.getvalue())
 
 
 def load_prompts(path: str) -> PyTree:

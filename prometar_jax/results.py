@@ -22,11 +22,12 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+
+from prometar_jax import fileio
 
 # (B, N, HM) of ProMetaR (PAPER.md 12.1): every HM recomputes from its B and
 # N, and the 11 Bs and Ns average to the paper's 84.39 and 76.93.
@@ -364,28 +365,8 @@ def to_csv(table: Mapping) -> str:
   return buf.getvalue()
 
 
-def _write_atomically(path: str, text: str):
-  """Write to a temporary name, then rename: no half-written result file."""
-  import tensorflow as tf  # gfile: local paths and gs:// alike
-
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with tf.io.gfile.GFile(tmp, "w") as f:
-    f.write(text)
-  tf.io.gfile.rename(tmp, path, overwrite=True)
-
-
 def write_json(path: str, obj) -> None:
-  _write_atomically(path, json.dumps(obj, indent=2, default=_json_default))
-
-
-def _json_default(x):
-  if isinstance(x, np.generic):
-    return x.item()
-  if isinstance(x, np.ndarray):
-    return x.tolist()
-  if isinstance(x, float) and math.isnan(x):
-    return None
-  raise TypeError(f"not JSON serializable: {type(x).__name__}")
+  fileio.write_json(path, obj)
 
 
 def write_tables(
@@ -399,11 +380,11 @@ def write_tables(
     "json": json.dumps(
       {"table": table, "runs": list(summaries)},
       indent=2,
-      default=_json_default,
+      default=fileio.json_default,
     ),
   }
   paths = {}
   for suffix, text in texts.items():
     paths[suffix] = os.path.join(out_dir, f"results.{suffix}")
-    _write_atomically(paths[suffix], text)
+    fileio.write_atomically(paths[suffix], text)
   return paths

@@ -207,3 +207,27 @@ def write_tiny_tokenizer(folder, sot_id=512, eot_id=513):
   with open(os.path.join(folder, "merges.txt"), "w") as f:
     f.write("#version: 0.2\n")
   return vocab
+
+
+# The training-system tests (test_train.py, test_runs.py) share one tiny
+# setup and one finished launch.py run (train_testlib.py).
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory):
+  import train_testlib
+
+  return train_testlib.make_assets(tmp_path_factory.mktemp("train_assets"))
+
+
+@pytest.fixture(scope="session")
+def e2e(assets, tmp_path_factory):
+  """The reference run: launch.py, base2new, seeds 1 and 2. Read only."""
+  import train_testlib as tl
+
+  workdir = tmp_path_factory.mktemp("e2e") / "wd"
+  proc = tl.run(
+    tl.launch_cmd(tl.E2E_ARG, workdir, tl.overrides(assets)), tl.env(assets)
+  )
+  assert proc.returncode == 0, tl.tail(proc)
+  return workdir, proc

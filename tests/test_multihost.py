@@ -33,6 +33,7 @@ sys.path.insert(0, {tests!r})
 import jax, numpy as np
 import train_testlib
 from prometar_jax import data, sharding, train
+from prometar_jax import run as run_lib
 assets, extra = json.loads(sys.argv[1]), json.loads(sys.argv[2])
 out = sys.argv[3]
 assert jax.device_count() == 4, jax.devices()
@@ -45,15 +46,15 @@ mesh = sharding.make_mesh(-1)
 spec = train.check_config(config)
 clip = train.load_clip(config, mesh)
 split = data.fewshot_split("eurosat", assets["data"], 4, 1, "base")
-feats = train.class_features(spec, clip, split["classnames"], mesh, True)
-state = train._init_fn(spec, mesh)(clip, np.int32(1))
+feats = run_lib.class_features(spec, clip, split["classnames"], mesh, True)
+state = run_lib._init_fn(spec, mesh)(clip, np.int32(1))
 layout = sharding.batch_layout(4, mesh)
 batch = {{
   "image": np.zeros((4, 32, 32, 3), np.float32),
   "label": np.arange(4, dtype=np.int32) % 3,
 }}
 batch = {{k: jax.device_put(v, layout.sharding) for k, v in batch.items()}}
-step = train.make_train_step(spec, mesh, True, layout.sharded)
+step = run_lib.make_train_step(spec, mesh, True, layout.sharded)
 hlo = step.lower(state, clip, feats, batch, np.float32(0), np.float32(0))
 hlo = hlo.compile().as_text()
 c, length = feats["token_ids"].shape
@@ -64,11 +65,6 @@ print("SHAPES", json.dumps({{
   "unpadded": hlo.count(f"f32[3,{{length}},{{width}}]"),
 }}))
 """
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-  return tl.make_assets(tmp_path_factory.mktemp("multihost_assets"))
 
 
 @pytest.fixture(scope="module")

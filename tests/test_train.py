@@ -21,25 +21,10 @@ from conftest import fast_compilation
 from configs import common, domain_generalization
 from prometar_jax import checkpoint, results, schedules, sharding, train
 from prometar_jax import prompt_learners as pl
+from prometar_jax import workdir as workdir_lib
 from prometar_jax.data import synthetic
 
-ARG = "dataset=eurosat,seeds=1,2"
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-  return tl.make_assets(tmp_path_factory.mktemp("train_assets"))
-
-
-@pytest.fixture(scope="module")
-def e2e(assets, tmp_path_factory):
-  """The reference run: launch.py, base2new, seeds 1 and 2."""
-  workdir = tmp_path_factory.mktemp("e2e") / "wd"
-  proc = tl.run(
-    tl.launch_cmd(ARG, workdir, tl.overrides(assets)), tl.env(assets)
-  )
-  assert proc.returncode == 0, tl.tail(proc)
-  return workdir, proc
+ARG = tl.E2E_ARG
 
 
 def _summary(run_dir):
@@ -118,6 +103,8 @@ def test_killed_run_resumes_bit_identical(e2e, assets, tmp_path):
   # Checkpoints 2, 3 (epoch 1), 4 were committed; 2 keeps the last two.
   assert sorted(os.listdir(run_dir / "checkpoints")) == ["3", "4"]
   assert not _result_files(workdir)
+  # The killed run held the workdir's lock: its record stays, the lock not.
+  assert (workdir / workdir_lib.LOCK_FILE).is_file()
   proc = tl.run(
     tl.launch_cmd("dataset=eurosat,seed=1", workdir, tl.overrides(assets)), env
   )
@@ -146,6 +133,7 @@ def test_eval_only_reproduces_accuracies(
   src = e2e[0] / "eurosat" / "seed1"
   run_dir = tmp_path / "wd" / "eurosat" / "seed1"
   shutil.copytree(src / "checkpoints", run_dir / "checkpoints")
+  shutil.copy(src / "run.json", run_dir / "run.json")
   config = tl.make_config("dataset=eurosat,seed=1", assets)
   out = train.train_and_evaluate(config, str(tmp_path / "wd"), eval_only=True)
   (summary,) = out["runs"]
@@ -155,6 +143,7 @@ def test_eval_only_reproduces_accuracies(
   # Padded (masked) classes change shapes, not predictions.
   padded = tmp_path / "padded" / "eurosat" / "seed1"
   shutil.copytree(src / "checkpoints", padded / "checkpoints")
+  shutil.copy(src / "run.json", padded / "run.json")
   config.data.class_multiple = 8
   out = train.train_and_evaluate(
     config, str(tmp_path / "padded"), eval_only=True
@@ -244,7 +233,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(e2e, assets, tmp_path):
   assert proc.returncode != 0
   assert "TrainingDiverged" in proc.stderr
   assert "at step 4 (epoch 2/2, batch 1/3)" in proc.stderr
-  assert "last good checkpoint is step 3" in proc.stderr
+  assert "last checkpoint that passed the checks is step 3" in proc.stderr
   run_dir = workdir / "eurosat" / "seed1"
   assert os.listdir(run_dir / "checkpoints") == ["3"]
   assert not _result_files(workdir)

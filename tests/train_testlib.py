@@ -34,6 +34,7 @@ NUM_CLASSES = 6  # 3 base + 3 new
 SHOTS = 4
 EPOCHS = 2
 STEPS_PER_EPOCH = 3  # 3 base classes x 4 shots / batch 4
+E2E_ARG = "dataset=eurosat,seeds=1,2"  # the conftest `e2e` run
 
 
 def make_assets(root: pathlib.Path) -> dict:

@@ -28,6 +28,7 @@ import numpy as np
 from prometar_jax import checkpoint as checkpoint_lib
 from prometar_jax import data, meta_step, train
 from prometar_jax import prompt_learners as pl
+from prometar_jax import run as run_lib
 from prometar_jax import sharding as sharding_lib
 from prometar_jax.analysis import measures
 
@@ -45,7 +46,7 @@ def class_features(spec: meta_step.StepSpec, clip, classnames) -> dict:
   On one device, classes not sharded (the analysis runs on one device).
   """
   mesh = sharding_lib.make_mesh(1)
-  return train.class_features(spec, clip, classnames, mesh, False)
+  return run_lib.class_features(spec, clip, classnames, mesh, False)
 
 
 def load_pool(

@@ -144,7 +144,7 @@ def _eval_image_fn(size: int):
   )
 
 
-def _find_broken(source, candidates):
+def find_broken(source, candidates):
   """The first candidate ref that cannot be read and decoded, with reason."""
   for ref in candidates:
     try:
@@ -170,7 +170,7 @@ def _iterate(ds, source, refs, local_idx, local_batch):
       # too, in case).
       start = k * local_batch
       candidates = [refs[i] for i in local_idx[start:] if i >= 0]
-      found = _find_broken(source, candidates)
+      found = find_broken(source, candidates)
       if found is None:
         raise
       raise ImageReadError(f"Cannot read image {found[0]}: {found[1]}") from e

@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from prometar_jax import results
+from prometar_jax import fileio, results
 from prometar_jax.demo import build as demo_build
 from prometar_jax.demo import datasets as demo_datasets
 
@@ -189,24 +189,36 @@ def _gamma_note(runs: Mapping[str, Sequence[Mapping]]) -> str:
   return "\n".join(lines)
 
 
-def run_demo(config, workdir: str, *, progress: bool = True) -> dict:
+def run_demo(
+  config, workdir: str, *, progress: bool = True, archive_old_runs=False
+) -> dict:
   """Builds the assets, trains and evaluates every method, writes tables.
 
   Args:
     config: configs/demo.py's config (its `demo.methods` are swept).
     workdir: output folder; each method under workdir/<method>.
     progress: progress bars for the build and the training.
+    archive_old_runs: move runs of another configuration aside instead of
+      refusing (train.train_and_evaluate).
 
   Returns:
     {"runs": {method: summaries}, "table": combine(...), "markdown": str,
     "seconds": {method: wall seconds, "build": ...}}.
   """
+  from prometar_jax import workdir as workdir_lib
+
+  with workdir_lib.hold(workdir):  # one demo per workdir (its tables)
+    return _run_demo(config, workdir, progress, archive_old_runs)
+
+
+def _run_demo(config, workdir, progress, archive_old_runs) -> dict:
   from prometar_jax import train
 
   configs = method_configs(config)
   for method, c in configs.items():
     c.progress_bar = c.progress_bar and progress
-    _check_workdir(os.path.join(workdir, method), c)
+    if not archive_old_runs:
+      _check_workdir(os.path.join(workdir, method), c)
   t0 = time.time()
   names = tuple(demo_datasets.display_name(d) for d in config.data.datasets)
   demo_build.build(
@@ -220,7 +232,9 @@ def run_demo(config, workdir: str, *, progress: bool = True) -> dict:
   runs = {}
   for method, c in configs.items():
     t = time.time()
-    out = train.train_and_evaluate(c, os.path.join(workdir, method))
+    out = train.train_and_evaluate(
+      c, os.path.join(workdir, method), archive_old_runs=archive_old_runs
+    )
     runs[method] = out["runs"]
     seconds[method] = time.time() - t
   table = combine(runs)
@@ -238,12 +252,11 @@ def run_demo(config, workdir: str, *, progress: bool = True) -> dict:
     os.path.join(workdir, "results.json"),
     {"table": table, "runs": runs, "seconds": seconds},
   )
-  with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write(text)
+  fileio.write_atomically(os.path.join(workdir, "results.md"), text)
   return {"runs": runs, "table": table, "markdown": text, "seconds": seconds}
 
 
-def run_and_print(config, workdir: str) -> dict:
+def run_and_print(config, workdir: str, archive_old_runs=False) -> dict:
   """The command line's job (also launch.py's for configs/demo.py).
 
   `run_demo` with a persistent compilation cache in the demo's cache
@@ -258,7 +271,12 @@ def run_and_print(config, workdir: str) -> dict:
       os.path.join(config.demo.cache, "jax_cache"),
     )
   t0 = time.time()
-  out = run_demo(config, workdir, progress=config.progress_bar)
+  out = run_demo(
+    config,
+    workdir,
+    progress=config.progress_bar,
+    archive_old_runs=archive_old_runs,
+  )
   print()
   print(out["markdown"])
   took = ", ".join(f"{k} {v:.0f} s" for k, v in out["seconds"].items())

@@ -616,11 +616,19 @@ def read_config(folder: str) -> ClipConfig:
       f"folder (save one with CLIPModel.save_pretrained)."
     )
   with open(path) as f:
-    raw = json.load(f)
-  if raw.get("model_type") != "clip" or "vision_config" not in raw:
+    text = f.read()
+  try:
+    raw = json.loads(text)
+  except json.JSONDecodeError as e:
     raise ValueError(
-      f"{path} describes model_type={raw.get('model_type')!r}, not a CLIP "
-      f"model (CLIPModel with text_config and vision_config); pass a CLIP "
+      f"{path} is not valid JSON ({e}): the checkpoint's config is damaged; "
+      "download or save the checkpoint again"
+    ) from e
+  model_type = raw.get("model_type") if isinstance(raw, dict) else None
+  if model_type != "clip" or "vision_config" not in raw:
+    raise ValueError(
+      f"{path} describes model_type={model_type!r}, not a CLIP model "
+      f"(CLIPModel with text_config and vision_config); pass a CLIP "
       f"checkpoint such as openai/clip-vit-base-patch16."
     )
   from transformers import CLIPConfig
@@ -629,12 +637,29 @@ def read_config(folder: str) -> ClipConfig:
   return ClipConfig.from_hf(CLIPConfig.from_dict(raw))
 
 
+def weights_file(folder: str) -> str:
+  """The weights file load() reads in `folder` (safetensors first)."""
+  for name in _WEIGHT_FILES:
+    path = os.path.join(folder, name)
+    if os.path.isfile(path):
+      return path
+  raise FileNotFoundError(
+    f"{folder!r} has no weights: expected one of {list(_WEIGHT_FILES)}."
+  )
+
+
 def read_state_dict(folder: str) -> dict[str, np.ndarray]:
   st = os.path.join(folder, "model.safetensors")
   if os.path.isfile(st):
     from safetensors.numpy import load_file
 
-    return load_file(st)
+    try:
+      return load_file(st)
+    except Exception as e:  # safetensors' own error types, truncation
+      raise ValueError(
+        f"{st} cannot be read ({type(e).__name__}: {e}): the file is "
+        "truncated or damaged; download or save the checkpoint again"
+      ) from e
   pt = os.path.join(folder, "pytorch_model.bin")
   if os.path.isfile(pt):
     try:
