@@ -35,6 +35,7 @@ import functools
 import math
 import os
 import random
+import re
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
@@ -150,9 +151,18 @@ def find_broken(source, candidates):
     try:
       pp_ops.decode(tf.constant(source.read_py(ref)))
     except (tf.errors.OpError, OSError, KeyError) as e:
-      reason = getattr(e, "message", None) or str(e)
-      return ref, reason.strip().splitlines()[0] if reason else type(e).__name__
+      return ref, _reason(e)
   return None
+
+
+def _reason(e: Exception) -> str:
+  """The first line of an error, without TensorFlow's op decorations."""
+  text = (getattr(e, "message", None) or str(e)).strip()
+  text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", text)
+  text = re.sub(
+    r"\s*\[Op:[^\]]*\].*$", "", text.splitlines()[0] if text else ""
+  )
+  return text or type(e).__name__
 
 
 def _iterate(ds, source, refs, local_idx, local_batch):
