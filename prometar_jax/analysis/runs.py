@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from prometar_jax import checkpoint as checkpoint_lib
-from prometar_jax import data, meta_step, train
+from prometar_jax import data, fileio, meta_step, train
 from prometar_jax import prompt_learners as pl
 from prometar_jax import run as run_lib
 from prometar_jax import sharding as sharding_lib
@@ -236,5 +236,4 @@ def to_jsonable(tree: PyTree) -> PyTree:
 def save_json(path: str, tree: PyTree) -> None:
   """Writes a result tree (numpy / jax leaves) as JSON."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(to_jsonable(tree), f, indent=1)
+  fileio.write_atomically(path, json.dumps(to_jsonable(tree), indent=1))
