@@ -13,16 +13,29 @@ second order, class prompts of realistic lengths as in `step.py`):
                on all B rows (the step before these savings);
   groups:      class prompts in length groups (`bucket_token_ids`);
   groups_slots: and the inner step on B - 1 support slots (`support_slots`):
-               the current step.
+               the current step;
+  baseline:    (with --baseline REV) the current step with the CLIP towers
+               of git revision REV (`prometar_jax/models/clip.py` at REV,
+               loaded beside the current one): what the towers' savings
+               since REV are worth.
+
+Ratios are against the first variant of --variants.
 
   python benchmarks/interleaved.py --classes 10 --rounds 4
+  python benchmarks/interleaved.py --variants baseline,groups_slots \
+    --baseline d4cf46c --rounds 4
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import jax
@@ -42,26 +55,52 @@ def all_rows(task):
   return jnp.arange(task["support"].shape[0])
 
 
+def clip_module_at(rev: str):
+  """prometar_jax/models/clip.py of git revision `rev`, as its own module."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  text = subprocess.run(
+    ["git", "-C", repo, "show", f"{rev}:prometar_jax/models/clip.py"],
+    capture_output=True,
+    text=True,
+    check=True,
+  ).stdout
+  path = os.path.join(tempfile.mkdtemp(), f"clip_{rev}.py")
+  with open(path, "w") as f:
+    f.write(text)
+  spec = importlib.util.spec_from_file_location(f"clip_{rev}", path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module
+  spec.loader.exec_module(module)
+  return module
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--classes", type=int, default=10)
   ap.add_argument("--rounds", type=int, default=4)
+  ap.add_argument("--variants", default="one_trim,groups,groups_slots")
+  ap.add_argument("--baseline", default=None, help="git revision (baseline)")
   args = ap.parse_args()
 
   raw = realistic_prompt_ids(args.classes)
   grouped = pl.bucket_token_ids(raw, 2)
-  variants = {
-    "one_trim": (pl.trim_token_ids(raw, multiple=8), all_rows),
-    "groups": (grouped, all_rows),
-    "groups_slots": (grouped, meta_step.support_slots),
+  current = meta_step.support_slots
+  known = {
+    "one_trim": (pl.trim_token_ids(raw, multiple=8), all_rows, None),
+    "groups": (grouped, all_rows, None),
+    "groups_slots": (grouped, current, None),
   }
+  if args.baseline:
+    known["baseline"] = (grouped, current, clip_module_at(args.baseline))
+  variants = {n: known[n] for n in args.variants.split(",")}
 
-  current_slots = meta_step.support_slots
   compiled = {}
-  for name, (ids, slots) in variants.items():
+  for name, (ids, slots, towers) in variants.items():
     # Traced now, so the rows rule of this variant is baked into its step.
     meta_step.support_slots = slots
     clip, feats, spec, state, batch = step_inputs(args.classes, ids)
+    if towers is not None:  # the same weights through REV's tower code
+      clip = towers.CLIP(towers.VIT_B16, clip.params, dtype=clip.dtype)
     args_ = (state, clip, feats, batch, 0.0025, 1e-6)
     step = jax.jit(functools.partial(meta_step.train_step, spec=spec))
     t = time.perf_counter()
@@ -71,15 +110,16 @@ def main():
     compiled[name] = (fn, args_, out[0].prompts)
     positions = sum(c * n for c, n in text_groups(ids))
     print(f"{name}: compile {compile_s:.1f} s, {positions} text positions")
-  meta_step.support_slots = current_slots
+  meta_step.support_slots = current
 
-  ref = compiled["one_trim"][2]
+  first = next(iter(compiled))
+  ref = compiled[first][2]
   for name, (_, _, got) in compiled.items():
     diff = max(
       float(jnp.abs(a - b).max())
       for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref))
     )
-    print(f"{name}: max |prompts - one_trim's| after one step = {diff:.1e}")
+    print(f"{name}: max |prompts - {first}'s| after one step = {diff:.1e}")
 
   times = {name: [] for name in compiled}
   for r in range(args.rounds):
@@ -90,12 +130,12 @@ def main():
     print(
       f"round {r}: " + ", ".join(f"{n} {t[-1]:.2f} s" for n, t in times.items())
     )
-  base = times["one_trim"]
+  base = times[first]
   for name, t in times.items():
     ratio = statistics.median(b / x for b, x in zip(base, t))
     print(
       f"{name:>13}: median {statistics.median(t):.2f} s per step, "
-      f"{ratio:.2f}x the speed of one_trim (median of per-round ratios)"
+      f"{ratio:.2f}x the speed of {first} (median of per-round ratios)"
     )
 
 

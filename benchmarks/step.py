@@ -1,4 +1,4 @@
-"""Benchmark of the ProMetaR step at ViT-B/16 shapes against the official figures.
+"""Benchmark of the ProMetaR step at ViT-B/16 shapes, beside the official one.
 
 Times the project's jit-compiled step (random ViT-B/16 weights, batch 4,
 IVLP prompts 4+4 at depth 9, second order, the released behaviour) at several
@@ -6,14 +6,28 @@ class counts, with class prompts of realistic token lengths, in fp32 and bf16.
 Reports compile time, the median step time, peak memory (process RSS on CPU,
 device memory statistics on a GPU), evaluation images/s, and the step's
 achieved FLOP/s (model FLOPs counted analytically) as a fraction of a large
-matmul timed in the same run; then each figure's ratio to the official
-PyTorch step measured on this kind of machine (2 cores, fp32).
+matmul timed in the same run.
+
+The official PyTorch step is timed in the same run, class count by class
+count just before the project's, when these are set (machines differ by up
+to 2x, so only a same-run ratio means something):
+
+  PROMETAR_OFFICIAL_SRC      an extracted work tree of mlvlab/ProMetaR
+                             (commit c907bdb; never committed here)
+  OFFICIAL_PYTHON            a Python with the official harness's
+                             requirements (torch 2.13 CPU, transformers 5)
+  PROMETAR_OFFICIAL_HARNESS  the folder of the harness's time_step.py
+                             (default: official_step/ of the shared folder
+                             beside the checkout)
+
+Without them the ratios are against figures recorded on another machine
+(OFFICIAL below), and the table says so.
 
 Each (classes, dtype) point runs in a fresh subprocess so that peak RSS is
 that point's own.
 
   python benchmarks/step.py                          # 10, 40, 500 classes
-  python benchmarks/step.py --classes 10 --json out.json
+  python benchmarks/step.py --classes 10,40 --dtypes float32 --json out.json
 """
 
 from __future__ import annotations
@@ -27,7 +41,8 @@ import subprocess
 import sys
 import time
 
-# The official step on this kind of machine (2 cores, fp32, math attention).
+# The official step recorded on another 2-core machine (fp32, math
+# attention): only for runs without the official step timed beside ours.
 OFFICIAL = {
   "step_s": {10: 12.0, 20: 15.7, 40: 23.3},
   "peak_gib": {10: 7.9, 20: 10.6, 40: 14.8},
@@ -223,6 +238,56 @@ def run_point(n_classes, dtype_name, steps, remat, eval_batch, text_buckets):
   }
 
 
+def _default_harness() -> str:
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return os.path.join(os.path.dirname(repo), "shared", "official_step")
+
+
+def official_configured() -> bool:
+  return bool(
+    os.environ.get("PROMETAR_OFFICIAL_SRC")
+    and os.environ.get("OFFICIAL_PYTHON")
+  )
+
+
+def time_official(n_classes: int, reps: int) -> dict:
+  """The official step at `n_classes` (fp32, CPU), timed now by its harness.
+
+  Returns {"step_s_median", "step_s_all", "peak_rss_gib"} or {"error": ...}.
+  """
+  import tempfile
+
+  harness = os.environ.get("PROMETAR_OFFICIAL_HARNESS", _default_harness())
+  script = os.path.join(harness, "time_step.py")
+  with tempfile.TemporaryDirectory() as tmp:
+    out = os.path.join(tmp, "official.json")
+    cmd = [
+      os.environ["OFFICIAL_PYTHON"],
+      script,
+      "--presets",
+      "full",
+      "--full-n-cls",
+      str(n_classes),
+      "--reps",
+      str(reps),
+      "--out",
+      out,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0 or not os.path.exists(out):
+      return {"error": (proc.stdout + proc.stderr)[-2000:]}
+    with open(out) as f:
+      r = json.load(f)["results"][f"full_ncls{n_classes}"]
+  if "forward_backward" not in r:
+    return {"error": str(r.get("error")) + r.get("log_tail", "")[-1500:]}
+  fb = r["forward_backward"]
+  return {
+    "step_s_median": fb["median_s"],
+    "step_s_all": fb["all_s"],
+    "peak_rss_gib": r["peak_rss_process_mib (ru_maxrss)"] / 1024,
+  }
+
+
 def print_table(rows):
   head = (
     f"{'classes':>7} {'dtype':>8} {'text pos':>8} {'step s':>8} {'x official':>10} "
@@ -231,9 +296,14 @@ def print_table(rows):
   )
   print(head)
   print("-" * len(head))
+  same_run = any("official_step_s" in r for r in rows)
   for r in rows:
-    off = OFFICIAL["step_s"].get(r["classes"])
-    off_mem = OFFICIAL["peak_gib"].get(r["classes"])
+    if same_run:
+      off = r.get("official_step_s")
+      off_mem = r.get("official_peak_rss_gib")
+    else:
+      off = OFFICIAL["step_s"].get(r["classes"])
+      off_mem = OFFICIAL["peak_gib"].get(r["classes"])
     speed = f"{off / r['step_s_median']:.2f}x" if off else "n/a"
     mem = f"{r['peak_rss_gib'] / off_mem:.2f}" if off_mem else "n/a"
     print(
@@ -242,11 +312,24 @@ def print_table(rows):
       f"{r['peak_rss_gib']:>8.2f} {mem:>9} {r['eval_images_per_s']:>10.1f} "
       f"{r['achieved_tflop_s']:>8.3f} {r['fraction_of_matmul']:>9.2f}"
     )
+  if same_run:
+    print(
+      "x official: the official PyTorch step (fp32, CPU) timed in this run, "
+      "just before ours at the same class count: "
+      + ", ".join(
+        f"{r['official_step_s']:.2f} s @{r['classes']}"
+        for r in rows
+        if "official_step_s" in r
+      )
+      + "."
+    )
+    return
   print(
-    "official (PyTorch, 2 cores, fp32): step 12.0 s @10, 15.7 s @20, 23.3 s "
-    "@40 classes; peak 7.9 / 10.6 / 14.8 GiB; 500 classes does not fit "
-    "in 24 GiB; image forward of 4 images 0.59 s "
-    f"(= {4 / OFFICIAL['image_forward_4_s']:.1f} img/s)."
+    "x official: against figures recorded on ANOTHER machine (machines "
+    "differ by up to 2x; set PROMETAR_OFFICIAL_SRC and OFFICIAL_PYTHON to "
+    "time the official step in this run): step 12.0 s @10, 15.7 s @20, "
+    "23.3 s @40 classes; peak 7.9 / 10.6 / 14.8 GiB; 500 classes does not "
+    "fit in 24 GiB."
   )
 
 
@@ -268,6 +351,12 @@ def main():
     default=2,
     help="group class prompts by length (1: one trim for all classes)",
   )
+  ap.add_argument(
+    "--official_reps",
+    type=int,
+    default=3,
+    help="timed official steps per class count (when configured)",
+  )
   ap.add_argument("--json", default=None, help="write the figures here")
   ap.add_argument("--point", default=None, help=argparse.SUPPRESS)
   args = ap.parse_args()
@@ -286,7 +375,21 @@ def main():
     return
 
   rows = []
+  official = official_configured()
+  if not official:
+    print(
+      "PROMETAR_OFFICIAL_SRC / OFFICIAL_PYTHON not set: the official step is "
+      "not timed in this run; ratios are against another machine's figures",
+      flush=True,
+    )
   for n in [int(c) for c in args.classes.split(",")]:
+    off = {}
+    if official and n <= 40:  # more classes do not fit in 24 GiB
+      off = time_official(n, args.official_reps)
+      if "error" in off:
+        print(f"official step at {n} classes failed:\n{off['error']}")
+      else:
+        print(f"official step at {n} classes: {off}", flush=True)
     for dtype in args.dtypes.split(","):
       remat = {"on": True, "off": False}.get(args.remat, n >= 100)
       cmd = [
@@ -306,8 +409,14 @@ def main():
         print(out.stderr[-3000:], file=sys.stderr)
         print(f"the {n}-class {dtype} point failed", file=sys.stderr)
         continue
-      rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-      print(json.dumps(rows[-1]), flush=True)
+      row = json.loads(out.stdout.strip().splitlines()[-1])
+      if "step_s_median" in off:
+        row["official_step_s"] = off["step_s_median"]
+        row["official_step_s_all"] = off["step_s_all"]
+        row["official_peak_rss_gib"] = off["peak_rss_gib"]
+        row["speedup"] = off["step_s_median"] / row["step_s_median"]
+      rows.append(row)
+      print(json.dumps(row), flush=True)
   print()
   print_table(rows)
   if args.json and rows:
@@ -316,6 +425,10 @@ def main():
       "step_s_median": first["step_s_median"],
       "peak_rss_gib": first["peak_rss_gib"],
       "compile_s": first["compile_s"],
+      "official_same_run": official,
+      "speedup": {
+        str(r["classes"]): r["speedup"] for r in rows if "speedup" in r
+      },
       "points": rows,
     }
     with open(args.json, "w") as f:

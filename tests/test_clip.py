@@ -335,6 +335,50 @@ def test_truncated_text_tower_equals_full_77_tokens(hf_clips):
       np.testing.assert_allclose(short, full, atol=1e-6, rtol=0)
 
 
+def _full_layers_then_pool(clip, tower, x, deep, replace, pool, causal, rows):
+  """Every block over every row, then the pooled rows: the plain tower."""
+  cfg = getattr(clip.config, tower)
+  block = clip_lib.Block(cfg, causal, rows, clip.dtype, parent=None)
+  stacked = clip.params[f"{tower}_model"]["encoder"]["layers"]
+  for i in range(cfg.layers):
+    p = jax.tree.map(lambda a: a[i], stacked)  # noqa: B023
+    x, _ = block.apply({"params": p}, x, (deep[i], replace[i]))
+  return x[np.arange(x.shape[0]), pool]
+
+
+def test_last_layer_on_pooled_rows_equals_full_last_layer(hf_clips):
+  """The last block computed for CLS / EOT rows only is exact (float64)."""
+  jax.config.update("jax_enable_x64", True)
+  try:
+    folder, _ = hf_clips["p8_quickgelu"]
+    clip = clip_lib.load(folder, dtype=jnp.float64)
+    rng = np.random.default_rng(11)
+    for tower, causal in (("text", True), ("vision", False)):
+      cfg = getattr(clip.config, tower)
+      n, length = 5, 9
+      x = jnp.asarray(rng.normal(size=(n, length, cfg.width)))
+      pool = np.array([0, 8, 3, 5, 1]) if causal else np.zeros(n, int)
+      # Deep prompts everywhere, the last layer included (rows 2..3).
+      deep = jnp.asarray(rng.normal(size=(cfg.layers, 2, cfg.width)))
+      replace = jnp.ones((cfg.layers,), bool)
+      rows = (2, 2)
+      enc = clip_lib.Encoder(cfg, causal, rows, False, jnp.float64)
+      params = {"params": clip.params[f"{tower}_model"]["encoder"]}
+      ours = enc.apply(params, x, deep, replace, jnp.asarray(pool))
+      want = _full_layers_then_pool(
+        clip, tower, x, deep, replace, pool, causal, rows
+      )
+      assert ours.shape == (n, cfg.width)
+      np.testing.assert_allclose(ours, want, rtol=1e-12, atol=1e-12)
+      # The pooled row depends on the others (attention): not a no-op.
+      bump = rng.normal(size=cfg.width)  # LayerNorm removes a constant
+      other = x.at[1, 1].add(bump)  # row 1: not a prompt row, before EOT
+      moved = enc.apply(params, other, deep, replace, jnp.asarray(pool))
+      assert np.abs(np.asarray(moved - ours)).max() > 1e-3
+  finally:
+    jax.config.update("jax_enable_x64", False)
+
+
 def test_text_in_length_groups_equals_one_trim_and_full_77(hf_clips):
   """Each group trimmed to its own longest prompt gives the same features."""
   from prometar_jax import prompt_learners as pl
