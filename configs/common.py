@@ -193,6 +193,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     # there are at most verify_decode_max of them, else header-checked.
     verify_images=True,
     verify_decode_max=20000,
+    # {dataset: name} for data that is not the paper's dataset of that
+    # name (the offline demo's tasks, stored in CoOp layouts): tables show
+    # the name and leave the paper's numbers out.
+    display_names={},
   )
   config.optim = dict(
     lr=0.0025,

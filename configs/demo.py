@@ -120,6 +120,11 @@ def get_config(arg=None):
   config.seeds = (arg.seed,) if arg.seed >= 0 else tuple(arg.seeds)
   config.model.name = demo_build.checkpoint_dir(cache)
   config.data.datasets = _datasets(arg.dataset)
+  # Tables name the tasks, not the CoOp layouts that store them (and show
+  # no paper numbers beside them).
+  config.data.display_names = {
+    d.coop_name: d.name for d in demo_datasets.DEMO_DATASETS
+  }
   config.data.root = demo_build.data_root(cache)
   config.data.num_shots = arg.shots
   config.data.image_size = 32

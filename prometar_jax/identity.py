@@ -50,6 +50,7 @@ IGNORED = (
   # device count): masked class padding, prompts grouped by length.
   "data.class_multiple",
   "data.text_buckets",
+  "data.display_names.",  # table labels
   "log_every",
   "progress_bar",
   "eval.batch_size",

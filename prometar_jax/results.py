@@ -2,7 +2,11 @@
 
 Every finished run writes a `summary.json` (see `train.py`); this module
 turns a list of those summaries into one table per protocol, in Markdown,
-CSV and JSON, with the paper's ProMetaR numbers beside ours.
+CSV and JSON, with the paper's ProMetaR numbers beside ours, for the
+paper's datasets only: a dataset given another name (`names`, from
+`config.data.display_names`: the offline demo's tasks, stored in the CoOp
+layout of a real dataset) is another task, shown under its own name and
+without paper columns.
 
 Averaging follows the paper (PAPER.md 11.1):
 
@@ -134,8 +138,45 @@ def base2new_average(
   return b, n, harmonic_mean(b, n)
 
 
-def display_name(dataset: str) -> str:
+def display_name(dataset: str, names: Mapping[str, str] | None = None) -> str:
+  """The name a table shows: `names[dataset]`, else the paper's spelling."""
+  if names and dataset in names:
+    return names[dataset]
   return DISPLAY_NAMES.get(dataset, dataset)
+
+
+def paper_base2new(dataset: str, names: Mapping[str, str] | None = None):
+  """The paper's (B, N, HM) of `dataset`; None for a renamed (other) task."""
+  if names and dataset in names:
+    return None
+  return PAPER_BASE2NEW.get(dataset)
+
+
+def run_label(method: str, dataset: str, seed: int, names=None) -> str:
+  """The label of a run in bars and lines: 'ivlp + ProMetaR, EuroSAT seed 1'."""
+  return f"{method}, {display_name(dataset, names)} seed {seed}"
+
+
+def summary_line(summary: Mapping, names=None) -> str:
+  """A finished run in one line: its label, accuracies (%) and times."""
+  acc = summary["accuracy"]
+  if summary.get("protocol") == "base2new":
+    scores = (
+      f"base {acc['base']:.2f}, new {acc['new']:.2f}, HM {summary['hm']:.2f}"
+    )
+  else:
+    scores = ", ".join(
+      f"{display_name(k, names)} {v:.2f}" for k, v in acc.items()
+    )
+  times = [
+    f"{k} {summary[key]:.0f} s"
+    for k, key in (("train", "train_seconds"), ("eval", "eval_seconds"))
+    if key in summary
+  ]
+  label = run_label(
+    summary["method"], summary["dataset"], summary["seed"], names
+  )
+  return f"{label}: {scores} ({', '.join(times)})"
 
 
 def _seed_means(summaries, dataset):
@@ -159,19 +200,23 @@ def _datasets_in_order(summaries):
   return seen
 
 
-def base2new_table(summaries: Sequence[Mapping]) -> dict:
+def base2new_table(
+  summaries: Sequence[Mapping], names: Mapping[str, str] | None = None
+) -> dict:
   """Per-dataset seed means, HM, the paper's average row, paper numbers.
 
   Args:
     summaries: run summaries with "dataset", "seed" and "accuracy" {"base":
       %, "new": %}.
+    names: {dataset: table name} of datasets that are not the paper's;
+      they get no paper numbers.
 
   Returns:
-    {"protocol", "rows": [{"dataset", "base", "new", "hm", "seeds",
+    {"protocol", "rows": [{"dataset", "name", "base", "new", "hm", "seeds",
     "base_std", "new_std", "paper": (B, N, HM) | None}], "average": {"base",
     "new", "hm", "datasets", "paper": (B, N, HM) | None}}. The paper average
     is over the same datasets (the paper's 84.39 / 76.93 / 80.49 with all
-    11).
+    11), and None unless every row has paper numbers.
   """
   rows = []
   for d in _datasets_in_order(summaries):
@@ -182,13 +227,14 @@ def base2new_table(summaries: Sequence[Mapping]) -> dict:
     rows.append(
       {
         "dataset": d,
+        "name": display_name(d, names),
         "base": b,
         "new": n,
         "hm": harmonic_mean(b, n),
         "base_std": means["base"][1],
         "new_std": means["new"][1],
         "seeds": seeds,
-        "paper": PAPER_BASE2NEW.get(d),
+        "paper": paper_base2new(d, names),
       }
     )
   average = None
@@ -212,7 +258,10 @@ def base2new_table(summaries: Sequence[Mapping]) -> dict:
 
 
 def transfer_table(
-  summaries: Sequence[Mapping], protocol: str, source: str = "imagenet"
+  summaries: Sequence[Mapping],
+  protocol: str,
+  source: str = "imagenet",
+  names: Mapping[str, str] | None = None,
 ) -> dict:
   """Seed means per evaluated dataset and the target mean, with the paper's.
 
@@ -220,15 +269,19 @@ def transfer_table(
     summaries: run summaries whose "accuracy" maps dataset -> %.
     protocol: "domain_generalization" or "cross_dataset".
     source: the training dataset (excluded from the target mean).
+    names: {dataset: table name} of datasets that are not the paper's.
 
   Returns:
-    {"protocol", "source", "columns": [datasets], "ours": {dataset: mean},
-    "std": {...}, "seeds", "target_mean", "paper": {dataset: %},
+    {"protocol", "source", "columns": [datasets], "names": {dataset: table
+    name}, "ours": {dataset: mean}, "std": {...}, "seeds", "target_mean",
+    "paper": {dataset: %} (none when the source is not the paper's),
     "paper_target_mean", "uncertain": [paper cells not checked]}.
   """
   means, seeds = _seed_means(summaries, source)
   columns = list(means)
-  paper_all = PAPER_TRANSFER.get(protocol, {})
+  names = dict(names or {})
+  # A renamed source is another task: none of the paper's cells apply.
+  paper_all = {} if source in names else PAPER_TRANSFER.get(protocol, {})
   targets = [c for c in columns if c != source]
   ours_t = [means[c][0] for c in targets]
   paper = {c: paper_all[c] for c in columns if c in paper_all}
@@ -237,6 +290,7 @@ def transfer_table(
     "protocol": protocol,
     "source": source,
     "columns": columns,
+    "names": {c: display_name(c, names) for c in columns},
     "ours": {c: means[c][0] for c in columns},
     "std": {c: means[c][1] for c in columns},
     "seeds": seeds,
@@ -251,14 +305,21 @@ def transfer_table(
   }
 
 
-def make_table(summaries: Sequence[Mapping], protocol: str) -> dict:
+def make_table(
+  summaries: Sequence[Mapping],
+  protocol: str,
+  names: Mapping[str, str] | None = None,
+) -> dict:
+  """The protocol's table; `names` as in `base2new_table`."""
   if protocol == "base2new":
-    return base2new_table(summaries)
+    return base2new_table(summaries, names)
   if protocol in PROTOCOLS:
     sources = _datasets_in_order(summaries)
     return {
       "protocol": protocol,
-      "tables": [transfer_table(summaries, protocol, s) for s in sources],
+      "tables": [
+        transfer_table(summaries, protocol, s, names) for s in sources
+      ],
     }
   raise ValueError(f"unknown protocol {protocol!r}; use one of {PROTOCOLS}")
 
@@ -280,28 +341,30 @@ def _paper_cell(table, c):
 
 
 def to_markdown(table: Mapping, title: str = "") -> str:
-  """A Markdown table (with the paper's ProMetaR numbers beside ours)."""
+  """A Markdown table, with the paper's ProMetaR numbers where they apply."""
   lines = [f"## {title}", ""] if title else []
   if table["protocol"] == "base2new":
+    rows, a = table["rows"], table["average"]
+    paper = any(r["paper"] for r in rows)
+    head = "| Dataset | Base | New | HM | Seeds |"
     lines += [
-      "| Dataset | Base | New | HM | Seeds | Paper Base | Paper New "
-      "| Paper HM |",
-      "|---|---|---|---|---|---|---|---|",
+      head + (" Paper Base | Paper New | Paper HM |" if paper else ""),
+      "|---|---|---|---|---|" + ("---|---|---|" if paper else ""),
     ]
-    for r in table["rows"]:
-      p = r["paper"] or (None, None, None)
+
+    def cells(values):
+      return "".join(f" {_f(x)} |" for x in values) if paper else ""
+
+    for r in rows:
       seeds = ",".join(str(s) for s in r["seeds"])
       lines.append(
-        f"| {display_name(r['dataset'])} | {_f(r['base'])} | {_f(r['new'])} "
-        f"| {_f(r['hm'])} | {seeds} | {_f(p[0])} | {_f(p[1])} | {_f(p[2])} |"
+        f"| {r['name']} | {_f(r['base'])} | {_f(r['new'])} "
+        f"| {_f(r['hm'])} | {seeds} |" + cells(r["paper"] or (None,) * 3)
       )
-    a = table["average"]
     if a is not None:
-      p = a["paper"] or (None, None, None)
       lines.append(
         f"| **Average** ({len(a['datasets'])}) | {_f(a['base'])} | "
-        f"{_f(a['new'])} | {_f(a['hm'])} | | {_f(p[0])} | {_f(p[1])} | "
-        f"{_f(p[2])} |"
+        f"{_f(a['new'])} | {_f(a['hm'])} | |" + cells(a["paper"] or (None,) * 3)
       )
     lines += [
       "",
@@ -311,9 +374,9 @@ def to_markdown(table: Mapping, title: str = "") -> str:
     return "\n".join(lines) + "\n"
   for t in table["tables"]:
     cols = t["columns"]
-    head = [display_name(c) for c in cols] + ["Target mean"]
+    head = [t["names"][c] for c in cols] + ["Target mean"]
     lines += [
-      f"Source: {display_name(t['source'])}; seeds "
+      f"Source: {t['names'][t['source']]}; seeds "
       + ",".join(str(s) for s in t["seeds"]),
       "",
       "| | " + " | ".join(head) + " |",
@@ -321,11 +384,14 @@ def to_markdown(table: Mapping, title: str = "") -> str:
       "| Ours | "
       + " | ".join(_f(t["ours"][c]) for c in cols)
       + f" | {_f(t['target_mean'])} |",
-      "| ProMetaR (paper) | "
-      + " | ".join(_paper_cell(t, c) for c in cols)
-      + f" | {_f(t['paper_target_mean'])} |",
-      "",
     ]
+    if t["paper"]:
+      lines.append(
+        "| ProMetaR (paper) | "
+        + " | ".join(_paper_cell(t, c) for c in cols)
+        + f" | {_f(t['paper_target_mean'])} |"
+      )
+    lines.append("")
   lines.append(
     "Seed means of top-1 accuracy (%). Target mean: mean over the target "
     "datasets (the source excluded). '?': paper value recalled, not checked."
@@ -334,32 +400,39 @@ def to_markdown(table: Mapping, title: str = "") -> str:
 
 
 def to_csv(table: Mapping) -> str:
-  """One row per dataset (per source and dataset for transfer tables)."""
+  """One row per dataset (per source and dataset for transfer tables).
+
+  `name` is the table's name of the dataset; the paper columns are empty
+  where the paper has no number for it.
+  """
   buf = io.StringIO()
   w = csv.writer(buf, lineterminator="\n")
   if table["protocol"] == "base2new":
     w.writerow(
-      ["dataset", "base", "new", "hm", "seeds", "paper_base", "paper_new"]
-      + ["paper_hm"]
+      ["dataset", "name", "base", "new", "hm", "seeds", "paper_base"]
+      + ["paper_new", "paper_hm"]
     )
     rows = list(table["rows"])
     if table["average"] is not None:
       a = table["average"]
-      rows.append(dict(a, dataset="average", seeds=[]))
+      rows.append(dict(a, dataset="average", name="Average", seeds=[]))
     for r in rows:
       p = r["paper"] or ("", "", "")
       w.writerow(
-        [r["dataset"], r["base"], r["new"], r["hm"]]
+        [r["dataset"], r["name"], r["base"], r["new"], r["hm"]]
         + [" ".join(str(s) for s in r["seeds"]), *p]
       )
     return buf.getvalue()
-  w.writerow(["source", "dataset", "accuracy", "seeds", "paper"])
+  w.writerow(["source", "dataset", "name", "accuracy", "seeds", "paper"])
   for t in table["tables"]:
     seeds = " ".join(str(s) for s in t["seeds"])
     for c in t["columns"]:
-      w.writerow([t["source"], c, t["ours"][c], seeds, t["paper"].get(c, "")])
+      w.writerow(
+        [t["source"], c, t["names"][c], t["ours"][c], seeds]
+        + [t["paper"].get(c, "")]
+      )
     w.writerow(
-      [t["source"], "target_mean", t["target_mean"], seeds]
+      [t["source"], "target_mean", "Target mean", t["target_mean"], seeds]
       + [t["paper_target_mean"] if t["paper_target_mean"] is not None else ""]
     )
   return buf.getvalue()
@@ -370,10 +443,17 @@ def write_json(path: str, obj) -> None:
 
 
 def write_tables(
-  summaries: Sequence[Mapping], protocol: str, out_dir: str, title: str = ""
+  summaries: Sequence[Mapping],
+  protocol: str,
+  out_dir: str,
+  title: str = "",
+  names: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
-  """Writes results.{md,csv,json} to `out_dir`; returns {suffix: path}."""
-  table = make_table(summaries, protocol)
+  """Writes results.{md,csv,json} to `out_dir`; returns {suffix: path}.
+
+  `names` as in `base2new_table`.
+  """
+  table = make_table(summaries, protocol, names)
   texts = {
     "md": to_markdown(table, title),
     "csv": to_csv(table),

@@ -269,10 +269,15 @@ def train_and_evaluate(
           on_checkpoint=on_checkpoint,
         )
       )
-    table = results.make_table(summaries, config.protocol)
+    names = dict(config.data.display_names)
+    table = results.make_table(summaries, config.protocol, names)
     if workdir and metrics.is_main():
       paths = results.write_tables(
-        summaries, config.protocol, workdir, title=_title(config, summaries)
+        summaries,
+        config.protocol,
+        workdir,
+        title=_title(config, summaries),
+        names=names,
       )
       metrics.info("results: %s", ", ".join(paths.values()))
       metrics.info("\n%s", results.to_markdown(table))

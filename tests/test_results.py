@@ -96,8 +96,68 @@ def test_write_tables(tmp_path):
     csv.DictReader(io.StringIO((tmp_path / "results.csv").read_text()))
   )
   assert [r["dataset"] for r in rows] == ["eurosat", "average"]
+  assert [r["name"] for r in rows] == ["EuroSAT", "Average"]
   assert float(rows[0]["paper_hm"]) == 85.30
   data = json.loads((tmp_path / "results.json").read_text())
   assert data["runs"][0]["accuracy"]["base"] == 90.0
   assert (tmp_path / "results.md").read_text().startswith("## T")
   assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_renamed_datasets_are_not_the_papers():
+  # The offline demo stores its tasks in CoOp layouts (colours in
+  # eurosat/): its tables name the task and show no paper numbers.
+  runs = _runs(
+    {
+      ("eurosat", 1): {"base": 62.0, "new": 48.5},
+      ("sun397", 1): {"base": 86.67, "new": 48.33},
+    }
+  )
+  names = {"eurosat": "colours", "sun397": "scenes"}
+  t = results.make_table(runs, "base2new", names)
+  assert [r["name"] for r in t["rows"]] == ["colours", "scenes"]
+  assert all(r["paper"] is None for r in t["rows"])
+  assert t["average"]["paper"] is None
+  md = results.to_markdown(t)
+  assert "| colours | 62.00 | 48.50 |" in md
+  assert "Paper" not in md and "EuroSAT" not in md
+  rows = list(csv.DictReader(io.StringIO(results.to_csv(t))))
+  assert [r["name"] for r in rows] == ["colours", "scenes", "Average"]
+  assert rows[0]["dataset"] == "eurosat" and rows[0]["paper_base"] == ""
+  # The paper's own datasets keep their columns.
+  md = results.to_markdown(results.make_table(runs, "base2new"))
+  assert "| EuroSAT | 62.00 | 48.50 | 54.43 | 1 | 94.94 |" in md
+
+
+def test_renamed_transfer_source_has_no_paper_row():
+  acc = {"imagenet": 70.0, "imagenetv2": 60.0}
+  runs = _runs({("imagenet", 1): acc}, "domain_generalization")
+  t = results.make_table(runs, "domain_generalization", {"imagenet": "shapes"})
+  (table,) = t["tables"]
+  assert table["paper"] == {} and table["paper_target_mean"] is None
+  md = results.to_markdown(t)
+  assert "Source: shapes" in md and "(paper)" not in md
+  assert "ImageNet-V2" in md  # a name left as it is
+
+
+def test_summary_line():
+  s = {
+    "protocol": "base2new",
+    "dataset": "eurosat",
+    "seed": 1,
+    "method": "ivlp + ProMetaR",
+    "accuracy": {"base": 62.0, "new": 48.5},
+    "hm": results.harmonic_mean(62.0, 48.5),
+    "train_seconds": 80.4,
+    "eval_seconds": 1.2,
+  }
+  assert results.summary_line(s, {"eurosat": "colours"}) == (
+    "ivlp + ProMetaR, colours seed 1: base 62.00, new 48.50, HM 54.43 "
+    "(train 80 s, eval 1 s)"
+  )
+  zs = dict(s, method="zero-shot CLIP", protocol="cross_dataset")
+  del zs["train_seconds"], zs["hm"]
+  zs["accuracy"] = {"eurosat": 40.0, "dtd": 30.5}
+  assert results.summary_line(zs) == (
+    "zero-shot CLIP, EuroSAT seed 1: EuroSAT 40.00, DTD 30.50 (eval 1 s)"
+  )
