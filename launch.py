@@ -125,6 +125,16 @@ def _main():
   import tensorflow as tf
 
   tf.config.set_visible_devices([], "GPU")
+  config = FLAGS.config
+  if "demo" in config and config.demo.sweep and not FLAGS.eval_only:
+    # configs/demo.py with every method: the offline demo's table, on a
+    # quiet terminal (its log goes to the workdir from the first line on).
+    from prometar_jax.demo import run as demo_run
+
+    demo_run.run_and_print(
+      config, FLAGS.workdir, archive_old_runs=FLAGS.archive_old_runs
+    )
+    return
   import jax
 
   if FLAGS.distributed:
@@ -144,23 +154,14 @@ def _main():
     jax.local_device_count(),
     jax.device_count(),
   )
-  config = FLAGS.config
-  if "demo" in config and config.demo.sweep and not FLAGS.eval_only:
-    # configs/demo.py with every method: the offline demo's table.
-    from prometar_jax.demo import run as demo_run
+  from prometar_jax import train
 
-    demo_run.run_and_print(
-      config, FLAGS.workdir, archive_old_runs=FLAGS.archive_old_runs
-    )
-  else:
-    from prometar_jax import train
-
-    train.train_and_evaluate(
-      config,
-      FLAGS.workdir,
-      eval_only=FLAGS.eval_only,
-      archive_old_runs=FLAGS.archive_old_runs,
-    )
+  train.train_and_evaluate(
+    config,
+    FLAGS.workdir,
+    eval_only=FLAGS.eval_only,
+    archive_old_runs=FLAGS.archive_old_runs,
+  )
   if FLAGS.distributed:
     jax.distributed.shutdown()
 

@@ -5,11 +5,19 @@ without waiting, `Logger.fetch` brings the pending ones to the host in one
 transfer (at log points, epoch ends and before checkpoints), and
 `Logger.log` writes their means: an INFO line, the progress bar's
 postfix, and TensorBoard scalars (process 0 only).
+
+The terminal: while a bar is open, log lines are written above it (never
+through it: a bar is one line, redrawn in place). `terminal(log_file)`
+sends the full log to a file and keeps the terminal to the bars,
+warnings and `report` lines (one per run): what the offline demo shows.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging as std_logging
 import os
+import sys
 
 import jax
 import numpy as np
@@ -25,6 +33,85 @@ def info(msg: str, *args) -> None:
   """logging.info on process 0 only."""
   if is_main():
     logging.info(msg, *args)
+
+
+class _AboveBars:
+  """A text stream whose writes go above the open tqdm bars, flushed.
+
+  tqdm clears its bars, the text is written, the bars are drawn again; the
+  flush keeps the order of stdout and stderr lines in a pipe.
+  """
+
+  def __init__(self, stream):
+    self.stream = stream
+
+  def write(self, text: str) -> None:
+    from tqdm import tqdm
+
+    with tqdm.external_write_mode(file=self.stream):
+      self.stream.write(text)
+      self.stream.flush()
+
+  def flush(self) -> None:
+    self.stream.flush()
+
+
+@contextlib.contextmanager
+def _logs_above_bars():
+  """absl's log lines (stderr) written above the bars while inside."""
+  handler = logging.get_absl_handler().python_handler
+  if isinstance(handler.stream, _AboveBars):  # nested: already so
+    yield
+    return
+  old = handler.setStream(_AboveBars(handler.stream))
+  try:
+    yield
+  finally:
+    handler.setStream(old)
+
+
+# Set by `terminal(log_file)`: the terminal shows warnings, not INFO lines.
+_quiet = False
+
+
+@contextlib.contextmanager
+def terminal(log_file: str | None = None):
+  """Log lines above the bars; with `log_file`, a quiet terminal.
+
+  With `log_file`, every log record of INFO and above is appended to it
+  (absl's format) and the terminal shows warnings and `report` lines only.
+  """
+  global _quiet
+  with _logs_above_bars():
+    if not (log_file and is_main()):
+      yield
+      return
+    os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
+    to_file = std_logging.FileHandler(log_file)
+    to_file.setFormatter(logging.PythonFormatter())
+    absl_handler = logging.get_absl_handler()
+    saved = (logging.get_verbosity(), absl_handler.level, _quiet)
+    std_logging.getLogger().addHandler(to_file)
+    logging.set_verbosity(max(saved[0], logging.INFO))  # the file gets INFO
+    absl_handler.setLevel(std_logging.WARNING)
+    _quiet = True
+    try:
+      yield
+    finally:
+      std_logging.getLogger().removeHandler(to_file)
+      to_file.close()
+      logging.set_verbosity(saved[0])
+      absl_handler.setLevel(saved[1])
+      _quiet = saved[2]
+
+
+def report(msg: str, *args) -> None:
+  """An INFO line that the terminal shows also when quiet (`terminal`)."""
+  if not is_main():
+    return
+  logging.info(msg, *args)
+  if _quiet:
+    _AboveBars(sys.stdout).write((msg % args if args else msg) + "\n")
 
 
 def write_scalar(tag: str, value) -> None:
@@ -66,6 +153,7 @@ class Logger:
   """Buffers step metrics; logs their means, shows progress, writes TB."""
 
   def __init__(self, run_dir, total, initial, desc, progress_bar):
+    self.desc = desc  # names the run in its log lines
     self.pending = []  # (0-based step, device metrics)
     self.last = {}
     self.writer = None
@@ -78,7 +166,12 @@ class Logger:
       if progress_bar:
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step")
+        # Not left behind: the run's one-line summary takes its place.
+        self.bar = tqdm(
+          total=total, initial=initial, desc=desc, unit="step", leave=False
+        )
+        self._above = contextlib.ExitStack()
+        self._above.enter_context(_logs_above_bars())
 
   def add(self, step: int, metrics: dict) -> None:
     self.pending.append((step, metrics))
@@ -110,7 +203,8 @@ class Logger:
         }
       )
     info(
-      "step %d: %s",
+      "%s: step %d: %s",
+      self.desc,
       last,
       ", ".join(
         f"{k}={float(v):.5g}" for k, v in means.items() if np.ndim(v) == 0
@@ -124,5 +218,6 @@ class Logger:
   def close(self) -> None:
     if self.bar is not None:
       self.bar.close()
+      self._above.close()
     if self.writer is not None:
       self.writer.close()

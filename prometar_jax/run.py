@@ -358,13 +358,16 @@ def run(
   """
   spec = step_spec(config)
   cache = cache or protocol.DataCache(config)
+  names = dict(config.data.display_names)
   summary_path = os.path.join(run_dir, SUMMARY) if run_dir else None
   if summary_path and not eval_only and fileio.exists(summary_path):
     metrics.info("%s: done before, its summary is reused", run_dir)
-    return fileio.read_json(summary_path)
+    summary = fileio.read_json(summary_path)
+    metrics.report("%s, done before", results.summary_line(summary, names))
+    return summary
 
   train_split = cache.split(dataset, seed, protocol.train_subsample(config))
-  desc = f"{dataset} seed {seed}"
+  desc = results.run_label(method_label(spec), dataset, seed, names)
   finished = _finished_training(run_dir, eval_only)
   if spec.prompt.kind == "zeroshot":
     params, info = {}, {"steps": 0}
@@ -436,4 +439,5 @@ def run(
       {f"accuracy/{k}": v for k, v in accuracy.items()},
     )
     fileio.write_json(summary_path, summary)
+  metrics.report("%s", results.summary_line(summary, names))
   return summary
