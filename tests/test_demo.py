@@ -9,12 +9,15 @@ the combined table's arithmetic against the runs' summaries.
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 import train_testlib  # noqa: F401  (puts the repo root on sys.path)
 from conftest import fast_compilation
+from train_testlib import REPO
 
 from configs import demo as demo_config
 from prometar_jax import results
@@ -280,3 +283,40 @@ def test_pretraining_is_deterministic(micro_clip, tmp_path):
     with open(os.path.join(folder, name), "rb") as a:
       with open(os.path.join(again, name), "rb") as b:
         assert a.read() == b.read(), name
+
+
+def test_demo_terminal_fits_two_screens(micro_clip, tmp_path):
+  # The command a newcomer runs, at the CI size: its whole terminal output
+  # (stdout + stderr, as a pipe sees it; a bar redrawn in place is one
+  # line) is at most 150 lines: a line per run, the table, no log lines
+  # (they go to workdir/demo.log) and no paper column.
+  wd = tmp_path / "wd"
+  cmd = [
+    sys.executable,
+    str(REPO / "launch.py"),
+    f"--config={REPO / 'configs' / 'demo.py'}:quick,cache={tmp_path}",
+    f"--workdir={wd}",
+    f"--config.model.name={micro_clip[0]}",
+    f"--config.demo.per_class={SMALL}",
+    "--config.eval.batch_size=32",
+  ]
+  env = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+  proc = subprocess.run(
+    cmd,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+    env=env,
+    timeout=900,
+  )
+  out = proc.stdout
+  assert proc.returncode == 0, out[-3000:]
+  assert len(out.split("\n")) <= 150, out
+  assert "Paper" not in out and "EuroSAT" not in out
+  assert "step 1:" not in out  # quick logs every step, to the log file
+  assert "ProMetaR, colours seed 1: step 1:" in (wd / "demo.log").read_text()
+  for task in demo_datasets.DEMO_NAMES:
+    for label in ("zero-shot CLIP", "coop (plain)", "ivlp (plain)"):
+      assert f"{label}, {task} seed 1: base " in out
+    assert f"ivlp + ProMetaR, {task} seed 1: base " in out
+  assert "| **Average** | ProMetaR |" in out

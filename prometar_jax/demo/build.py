@@ -95,29 +95,21 @@ def build(
   Returns:
     {"checkpoint": folder for `clip.load`, "data_root": CoOp data root}.
   """
-  from tqdm import tqdm
-
   cache_dir = cache_dir or default_cache_dir()
   ckpt = checkpoint or checkpoint_dir(cache_dir, from_scratch)
-  stages = tqdm(total=3, desc="demo assets", unit="stage", disable=not progress)
-  stages.set_postfix_str("world")
-  stages.update(1)  # the world is code
+  # The world is code: nothing to build. Each step shows its own bar, and
+  # only when it has work to do.
   if not has_checkpoint(ckpt):
     from prometar_jax.demo import pretrain
 
-    stages.set_postfix_str("tokenizer + tiny CLIP")
     cfg = pretrain_config or pretrain.PretrainConfig()
     partial = ckpt + ".partial"
     shutil.rmtree(partial, ignore_errors=True)
     pretrain.pretrain(cfg, partial, progress=progress)
     shutil.rmtree(ckpt, ignore_errors=True)
     os.replace(partial, ckpt)
-  stages.update(1)
   root = data_root(cache_dir)
-  stages.set_postfix_str("datasets")
   demo_datasets.write_all(root, per_class, names=names, progress=progress)
-  stages.update(1)
-  stages.close()
   return {"checkpoint": ckpt, "data_root": root}
 
 

@@ -242,7 +242,8 @@ def write_all(
   stale = os.path.join(root, MANIFEST)
   if os.path.exists(stale):
     os.remove(stale)
-  for n in tqdm(names, desc="write demo datasets", disable=not progress):
+  bar = tqdm(names, desc="rendering the demo datasets", disable=not progress)
+  for n in bar:
     write_dataset(get(n), root, per_class, seed)
   spec = manifest(per_class, seed, names)
   with open(os.path.join(root, MANIFEST), "w") as f:
