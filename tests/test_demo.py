@@ -216,6 +216,7 @@ def test_default_config_is_the_whole_demo():
   for m in demo_config.METHODS:
     c = demo_config.for_method(config, m)
     assert c.optim.lr == demo_config.LR
+    assert c.optim.epochs == demo_config.EPOCHS
     assert tuple(c.data.crop_scale) == demo_config.CROP_SCALE
     if m in ("ivlp", "prometar"):
       assert c.prompt.n_ctx_vision == demo_config.N_CTX_VISION
