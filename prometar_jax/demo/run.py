@@ -349,6 +349,9 @@ def run_and_print(config, workdir: str, archive_old_runs=False) -> dict:
     )
   t0 = time.time()
   print(_header(config, workdir), flush=True)
+  # Warnings only until run_demo holds the workdir and opens its log (JAX
+  # logs its backends' start at INFO when the lock is taken).
+  logging.set_verbosity(logging.WARNING)
   out = run_demo(
     config,
     workdir,
