@@ -22,6 +22,8 @@ import os
 
 import ml_collections
 
+from prometar_jax import prompt_learners as pl
+
 # The 11 datasets of the base-to-new table, in the paper's order.
 BASE2NEW_DATASETS = (
   "imagenet",
@@ -43,8 +45,6 @@ DOMAIN_GENERALIZATION_TARGETS = (
   "imagenet_r",
 )
 CROSS_DATASET_TARGETS = BASE2NEW_DATASETS[1:]
-
-METHODS = ("ivlp", "coop", "vpt", "maple", "zeroshot")
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -267,26 +267,16 @@ def apply_method(
 ) -> ml_collections.ConfigDict:
   """Prompt learner `method`, trained with ProMetaR or with plain CE.
 
-  All learners keep ProMetaR's optimisation recipe (batch 4, 10 epochs,
-  lr 0.0025), so that with/without ProMetaR differ only in the training
-  scheme. Prompt shapes follow each method's paper: CoOp 4 text tokens
-  from "a photo of a"; VPT-deep 4 vision tokens in 9 layers; IVLP 4+4
-  tokens in 9 layers; MaPLe 2 coupled tokens in 9 layers.
+  `method` is a registered learner (`prompt_learners.names()`). All
+  learners keep ProMetaR's optimisation recipe (batch 4, 10 epochs, lr
+  0.0025), so that with/without ProMetaR differ only in the training
+  scheme. Prompt shapes are each learner's `defaults`, those of its paper:
+  CoOp 4 text tokens from "a photo of a"; VPT-deep 4 vision tokens in 9
+  layers; IVLP 4+4 tokens in 9 layers; MaPLe 2 coupled tokens in 9 layers.
   """
-  if method not in METHODS:
-    raise ValueError(f"unknown method {method!r}; use one of {METHODS}")
-  p = config.prompt
-  p.kind = method
-  if method == "coop":
-    p.n_ctx_text, p.depth_text = 4, 1
-  elif method == "vpt":
-    p.n_ctx_vision, p.depth_vision = 4, 9
-  elif method == "ivlp":
-    p.n_ctx_text = p.n_ctx_vision = 4
-    p.depth_text = p.depth_vision = 9
-  elif method == "maple":
-    p.n_ctx_text = p.n_ctx_vision = 2
-    p.depth_text = p.depth_vision = 9
+  learner = pl.get(method)
+  config.prompt.kind = learner.name
+  config.prompt.update(dict(learner.defaults))
   if not prometar:
     config.meta.mode = "plain"
   return config

@@ -1,10 +1,10 @@
 r"""Other prompt learners, with and without ProMetaR, on any protocol.
 
-`method` is one of coop, vpt, ivlp, maple, zeroshot; `prometar=true` trains
-it with ProMetaR's meta-regularization, `prometar=false` with plain
-cross-entropy (the baseline). `protocol` picks base2new (default),
-domain_generalization or cross_dataset; the other arguments are those of
-that protocol's config.
+`method` is a registered prompt learner (coop, vpt, ivlp, maple, zeroshot:
+prometar_jax/prompt_learners/); `prometar=true` trains it with ProMetaR's
+meta-regularization, `prometar=false` with plain cross-entropy (the
+baseline). `protocol` picks base2new (default), domain_generalization or
+cross_dataset; the other arguments are those of that protocol's config.
 
   python launch.py --workdir workdir/coop_prometar --config \
     configs/variants.py:method=coop,prometar=true,dataset=all,seeds=1,2,3

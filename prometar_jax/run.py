@@ -67,7 +67,7 @@ def _init_fn(spec: meta_step.StepSpec, mesh: Mesh):
 
   def init(clip, seed):
     k_prompts, k_state = jax.random.split(jax.random.key(seed))
-    prompts = pl.init(k_prompts, clip, (), spec.prompt)
+    prompts = pl.init(k_prompts, clip, spec.prompt)
     return meta_step.init_state(k_state, prompts, spec)
 
   return jax.jit(init, out_shardings=sharding_lib.replicated(mesh))
@@ -128,7 +128,7 @@ def step_spec(config) -> meta_step.StepSpec:
 
 def method_label(spec: meta_step.StepSpec) -> str:
   kind, mode = spec.prompt.kind, spec.meta.mode
-  if kind == "zeroshot":
+  if not spec.prompt.learner.trained:
     return "zero-shot CLIP"
   return f"{kind} + ProMetaR" if mode == "prometar" else f"{kind} ({mode})"
 
@@ -369,7 +369,7 @@ def run(
   train_split = cache.split(dataset, seed, protocol.train_subsample(config))
   desc = results.run_label(method_label(spec), dataset, seed, names)
   finished = _finished_training(run_dir, eval_only)
-  if spec.prompt.kind == "zeroshot":
+  if not spec.prompt.learner.trained:
     params, info = {}, {"steps": 0}
   elif finished is not None:
     params, info = finished

@@ -40,6 +40,7 @@ from absl import logging
 from jax.sharding import Mesh
 
 from prometar_jax import fileio, identity, metrics, protocol, results, schedules
+from prometar_jax import prompt_learners as pl
 from prometar_jax import run as run_lib
 from prometar_jax import sharding as sharding_lib
 from prometar_jax import workdir as workdir_lib
@@ -128,7 +129,7 @@ def check_images(config, cache: protocol.DataCache, eval_only: bool) -> None:
   t0 = time.time()
   train_refs, eval_refs = {}, {}
   for name, seed in _runs(config):
-    if not eval_only and config.prompt.kind != "zeroshot":
+    if not eval_only and pl.get(config.prompt.kind).trained:
       split = cache.split(name, seed, train_subsample(config))
       train_refs.setdefault(name, []).extend(r for r, _, _ in split["train"])
     for es in eval_sets(config, name):

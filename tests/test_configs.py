@@ -118,7 +118,7 @@ def test_behaviour_paper_and_runlocal():
     get("base2new", "behaviour=mine")
 
 
-@pytest.mark.parametrize("method", common.METHODS)
+@pytest.mark.parametrize("method", pl.names())
 @pytest.mark.parametrize("prometar", [True, False])
 def test_variants(method, prometar):
   c = get("variants", f"method={method},prometar={prometar},dataset=dtd")

@@ -19,7 +19,7 @@ def test_ivlp_init_from_word_embeddings(tiny_clip_with_tokenizer):
   cfg = pl.PromptConfig(
     n_ctx_text=4, n_ctx_vision=3, depth_text=2, depth_vision=2
   )
-  params = pl.init(jax.random.key(0), clip, CLASSES, cfg)
+  params = pl.init(jax.random.key(0), clip, cfg)
   assert params["text"].shape == (2, 4, 32)
   assert params["vision"].shape == (2, 3, 48)
   # Slot 0 = embeddings of the tokens of "a photo of a" (one char each here).
@@ -47,7 +47,7 @@ def test_fewer_ctx_than_init_tokens_keeps_the_rest_in_the_suffix(
 ):
   clip = clip_lib.load(tiny_clip_with_tokenizer)
   cfg = pl.PromptConfig(n_ctx_text=2, depth_text=1, depth_vision=0, kind="coop")
-  params = pl.init(jax.random.key(0), clip, CLASSES, cfg)
+  params = pl.init(jax.random.key(0), clip, cfg)
   table = np.asarray(clip.params["text_model"]["token_embedding"]["embedding"])
   ids = pl.class_token_ids(cfg, clip, CLASSES)
   np.testing.assert_array_equal(params["text"][0], table[ids[0, 1:3]])
@@ -58,13 +58,13 @@ def test_fewer_ctx_than_init_tokens_keeps_the_rest_in_the_suffix(
   assert pl.class_prompt_texts(long, clip, ["dog"])[0].startswith("X X X")
 
 
-@pytest.mark.parametrize("kind", pl.KINDS)
+@pytest.mark.parametrize("kind", pl.names())
 def test_empty_prompts_reproduce_zero_shot_clip(tiny_clip_with_tokenizer, kind):
   clip = clip_lib.load(tiny_clip_with_tokenizer)
   cfg = pl.PromptConfig(
     kind=kind, n_ctx_text=0, n_ctx_vision=0, depth_text=3, depth_vision=2
   )
-  params = pl.init(jax.random.key(0), clip, CLASSES, cfg)
+  params = pl.init(jax.random.key(0), clip, cfg)
   ids = pl.class_token_ids(cfg, clip, CLASSES)
   images = (
     np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
@@ -80,7 +80,7 @@ def test_nonempty_prompts_change_logits_and_maple_couples_branches(
 ):
   clip = clip_lib.load(tiny_clip_with_tokenizer)
   cfg = pl.PromptConfig(kind="maple", n_ctx_text=2, depth_text=2)
-  params = pl.init(jax.random.key(0), clip, CLASSES, cfg)
+  params = pl.init(jax.random.key(0), clip, cfg)
   assert params["proj"]["kernel"].shape == (2, 32, 48)
   text, vision = pl.tower_prompts(params, cfg)
   want = np.einsum("lnd,lde->lne", params["text"], params["proj"]["kernel"])

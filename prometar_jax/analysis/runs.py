@@ -113,7 +113,7 @@ def state_target(spec: meta_step.StepSpec, clip) -> meta_step.TrainState:
   """
   prompt = dataclasses.replace(spec.prompt, init_words="")
   key = jax.random.key(0)
-  prompts = pl.init(key, clip, (), prompt)
+  prompts = pl.init(key, clip, prompt)
   return meta_step.init_state(key, prompts, spec)
 
 

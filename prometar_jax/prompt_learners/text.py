@@ -1,29 +1,16 @@
-"""Prompt learners as pure functions over parameter pytrees.
+"""The text side shared by every learner: class prompts and their tokens.
 
-A learner is described by a `PromptConfig` (hashable, static under jit). Its
-parameters are a dict keyed by branch, with the layer as the leading axis:
-
-* IVLP (ProMetaR's base): {"text": [depth_t, n_ctx_t, d_t],
-  "vision": [depth_v, n_ctx_v, d_v]}; text slot 0 is initialised from the
-  token embeddings of the init words, everything else ~ N(0, 0.02^2).
-* CoOp: {"text": [1, n_ctx, d_t]} (shallow text context only).
-* VPT: {"vision": [depth_v, n_ctx_v, d_v]} (deep vision prompts; the text
-  side is frozen CLIP on "a photo of a {}.").
-* MaPLe: {"text": [J, n_ctx, d_t], "proj": {"kernel": [J, d_t, d_v],
-  "bias": [J, d_v]}}: vision prompts are learned linear maps of the text
-  prompts, layer by layer (coupling).
-* zero-shot CLIP: {} (no parameters).
-
-`tower_prompts(params, config)` turns any of them into the per-tower prompt
-arrays that `models.clip` consumes, so everything above (losses, the ProMetaR
-step) is learner-agnostic.
+Learner-agnostic pieces: the class prompt texts (a learned context's
+placeholders or the hand-crafted template), their token ids tokenized once
+on the host, trimmed or grouped by length (exact speedups of the text
+tower), the text tower over such groups, and the text context's init from
+the embeddings of the init words (IVLP, CoOp, MaPLe).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -32,46 +19,8 @@ import numpy as np
 from prometar_jax.models import clip as clip_lib
 from prometar_jax.templates import SINGLE_TEMPLATE
 
-PyTree = Any
-KINDS = ("ivlp", "coop", "vpt", "maple", "zeroshot")
-PROMPT_BRANCHES = ("text", "vision")  # keys that hold [depth, n_ctx, d]
-
-
-@dataclasses.dataclass(frozen=True)
-class PromptConfig:
-  """Which learner, and its prompt lengths and depths."""
-
-  kind: str = "ivlp"
-  n_ctx_text: int = 4
-  n_ctx_vision: int = 4
-  depth_text: int = 9
-  depth_vision: int = 9
-  init_words: str = "a photo of a"
-  init_std: float = 0.02
-
-  def __post_init__(self):
-    if self.kind not in KINDS:
-      raise ValueError(
-        f"unknown prompt learner {self.kind!r}; use one of {KINDS}"
-      )
-
-  @property
-  def has_text(self) -> bool:
-    return self.kind in ("ivlp", "coop", "maple")
-
-  @property
-  def has_vision(self) -> bool:
-    return self.kind in ("ivlp", "vpt", "maple")
-
-  @property
-  def text_depth(self) -> int:
-    return 1 if self.kind == "coop" else self.depth_text
-
-  @classmethod
-  def from_config(cls, config) -> PromptConfig:
-    """From an ml_collections / dict config with the same field names."""
-    fields = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in dict(config).items() if k in fields})
+if TYPE_CHECKING:
+  from prometar_jax.prompt_learners.learner import PromptConfig
 
 
 def _uses_init_words(config: PromptConfig, clip: clip_lib.CLIP) -> bool:
@@ -92,11 +41,36 @@ def prompt_prefix(config: PromptConfig, clip: clip_lib.CLIP | None) -> str:
 def class_prompt_texts(
   config: PromptConfig, clip: clip_lib.CLIP, classnames: Sequence[str]
 ) -> list[str]:
+  """One prompt per class: the learned context's, or the template.
+
+  A learner that prompts the text tower gets "<prefix> <class>.", whose
+  n_ctx_text positions after SOT its text prompts replace; the others get
+  the hand-crafted "a photo of a <class>.".
+  """
   names = [c.replace("_", " ") for c in classnames]
-  if not config.has_text:
+  if "text" not in config.learner.branches:
     return [SINGLE_TEMPLATE.format(n) for n in names]
   prefix = prompt_prefix(config, clip)
   return [f"{prefix} {n}." for n in names]
+
+
+def text_context(
+  key: jax.Array, clip: clip_lib.CLIP, config: PromptConfig, depth: int
+) -> jax.Array:
+  """Text prompts [depth, n_ctx_text, width] ~ N(0, init_std^2).
+
+  Slot 0 holds the token embeddings of the init words when they fit in
+  n_ctx_text (the words the class prompts then hold, `prompt_prefix`).
+  """
+  width = clip.config.text.width
+  text = config.init_std * jax.random.normal(
+    key, (depth, config.n_ctx_text, width)
+  )
+  if _uses_init_words(config, clip):
+    ids = clip.tokenize([config.init_words])[0, 1 : 1 + config.n_ctx_text]
+    table = clip.params["text_model"]["token_embedding"]["embedding"]
+    text = text.at[0].set(jnp.asarray(table)[ids])
+  return text
 
 
 def prompt_lengths(token_ids: np.ndarray) -> np.ndarray:
@@ -214,87 +188,3 @@ def class_token_ids(
   """
   ids = clip.tokenize(class_prompt_texts(config, clip, classnames))
   return trim_token_ids(ids, multiple=8) if trim else ids
-
-
-def init(
-  key: jax.Array,
-  clip: clip_lib.CLIP,
-  classnames: Sequence[str],
-  config: PromptConfig,
-) -> PyTree:
-  """Fresh learner parameters (see the module docstring for the layout)."""
-  del classnames  # prompts are class-agnostic; kept for the common signature
-  cfg = clip.config
-  d_t, d_v = cfg.text.width, cfg.vision.width
-  k_text, k_vis, k_proj = jax.random.split(key, 3)
-  normal = lambda k, shape: config.init_std * jax.random.normal(k, shape)  # noqa: E731
-  params = {}
-  if config.has_text:
-    text = normal(k_text, (config.text_depth, config.n_ctx_text, d_t))
-    if _uses_init_words(config, clip):
-      ids = clip.tokenize([config.init_words])[0, 1 : 1 + config.n_ctx_text]
-      table = clip.params["text_model"]["token_embedding"]["embedding"]
-      text = text.at[0].set(jnp.asarray(table)[ids])
-    params["text"] = text
-  if config.kind in ("ivlp", "vpt"):
-    params["vision"] = normal(
-      k_vis, (config.depth_vision, config.n_ctx_vision, d_v)
-    )
-  if config.kind == "maple":
-    # torch nn.Linear default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-    bound = 1.0 / np.sqrt(d_t)
-    kk, kb = jax.random.split(k_proj)
-    depth = config.text_depth
-    params["proj"] = {
-      "kernel": jax.random.uniform(
-        kk, (depth, d_t, d_v), minval=-bound, maxval=bound
-      ),
-      "bias": jax.random.uniform(kb, (depth, d_v), minval=-bound, maxval=bound),
-    }
-  return params
-
-
-def tower_prompts(params: PyTree, config: PromptConfig):
-  """(text_prompts | None, vision_prompts | None) for the CLIP towers."""
-  text = params.get("text")
-  if config.kind == "maple":
-    proj = params["proj"]
-    vision = jnp.einsum("lnd,lde->lne", text, proj["kernel"])
-    vision = vision + proj["bias"][:, None, :]
-  else:
-    vision = params.get("vision")
-  return text, vision
-
-
-def encode(params, clip: clip_lib.CLIP, token_ids, images, config):
-  """Unnormalized prompted (text [C, D], image [N, D]) features.
-
-  `token_ids`: [C, L] ids, or groups of them from `bucket_token_ids`.
-  """
-  text_prompts, vision_prompts = tower_prompts(params, config)
-  text = encode_text(clip, token_ids, text_prompts)
-  image = clip.encode_image(images, vision_prompts)
-  return text, image
-
-
-def apply(params, clip: clip_lib.CLIP, token_ids, images, config) -> dict:
-  """Logits [N, C] and normalized features of a learner.
-
-  Args:
-    params: the learner's parameters.
-    clip: the frozen CLIP (a pytree: can be a jit argument).
-    token_ids: [C, L] class prompt ids from `class_token_ids`.
-    images: [N, H, W, 3] CLIP-normalized pixels.
-    config: the learner's `PromptConfig`.
-  """
-  text, image = encode(params, clip, token_ids, images, config)
-  t, v = clip_lib.normalize(text), clip_lib.normalize(image)
-  return {
-    "logits": clip.logit_scale * v @ t.T,
-    "text_features": t,
-    "image_features": v,
-  }
-
-
-def count_params(params: PyTree) -> int:
-  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
