@@ -102,7 +102,9 @@ def test_registered_learner_trains_one_prometar_step(
   for name in ("text", "vision", "scale"):
     before, after = np.asarray(prompts[name]), np.asarray(new.prompts[name])
     assert np.isfinite(after).all(), name
-    assert np.abs(after - before).max() > 0, name
+    # Moved by its gradients, not only by weight decay (which scales every
+    # entry alike: a constant ratio).
+    assert np.ptp((after - before) / before) > 1e-5, name
   moved = [
     np.abs(np.asarray(a) - np.asarray(b)).max()
     for a, b in zip(
