@@ -37,6 +37,21 @@ Item = fewshot.Item
 
 LAYOUT_DOC = "docs/datasets.md"
 
+# EuroSAT's folders and the class names CoOp's split file holds for them
+# (CoOp renamed the folders to phrases when it wrote the split).
+EUROSAT_NAMES = {
+  "AnnualCrop": "Annual Crop Land",
+  "Forest": "Forest",
+  "HerbaceousVegetation": "Herbaceous Vegetation Land",
+  "Highway": "Highway or Road",
+  "Industrial": "Industrial Buildings",
+  "Pasture": "Pasture Land",
+  "PermanentCrop": "Permanent Crop Land",
+  "Residential": "Residential Buildings",
+  "River": "River",
+  "SeaLake": "Sea or Lake",
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:

@@ -27,11 +27,11 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from prometar_jax.data import fewshot, synthetic
+from prometar_jax.data import datasets, fewshot
 
 
 def _eurosat(name):
-  return synthetic.EUROSAT_NAMES.get(name, name)
+  return datasets.EUROSAT_NAMES.get(name, name)
 
 
 def _cars(name):
