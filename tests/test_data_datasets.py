@@ -273,7 +273,8 @@ def test_first_appearance_order(root):
 
 
 def test_random_sample_vectors():
-  # DATA.md 2.3 test vectors: the CPython stream the selection relies on.
+  # The CPython stream the selection relies on (docs/datasets.md,
+  # "Few-shot sampling").
   rng = random.Random(1)
   assert rng.sample(range(100), 16) == [
     17, 72, 97, 8, 32, 15, 63, 57, 60, 83, 48, 26, 12, 62, 3, 49
