@@ -1,21 +1,23 @@
 r"""Offline demo: the base-to-new protocol in a generated world, tiny CLIP.
 
 Zero-shot CLIP, CoOp, IVLP and IVLP + ProMetaR on three downstream tasks of
-the generated world (prometar_jax/demo/datasets.py: colours, scenes and
-compositions; 20, 12 and 24 classes), with a tiny CLIP pretrained on that
-world (committed in prometar_jax/demo/tiny_clip). Nothing is downloaded: the datasets are
+the generated world (demo/datasets.py: colours, scenes and compositions;
+20, 12 and 24 classes), with a tiny CLIP pretrained on that world
+(committed in demo/tiny_clip). Nothing is downloaded: the datasets are
 rendered into .cache/demo on first use. All four methods, one seed, the
 results table at the end (about 5-10 minutes on two CPU cores):
 
-  python -m prometar_jax.demo.run --workdir workdir/demo
+  python launch.py --config configs/demo.py --workdir workdir/demo
 
 Three seeds (the table of docs/demo.md):
 
-  python -m prometar_jax.demo.run --workdir workdir/demo \
-    --config configs/demo.py:seeds=1,2,3
+  python launch.py --config configs/demo.py:seeds=1,2,3 \
+    --workdir workdir/demo3
 
-One method through the ordinary launcher (the assets must exist:
-`python -m prometar_jax.demo.build`):
+With every method (`method=all`, the default) the config names the demo's
+driver (`config.driver`, demo/run.py), which launch.py calls instead of
+the training system; one method is an ordinary config that launch.py
+trains like any other (the assets must exist: `python -m demo.build`):
 
   python launch.py --config configs/demo.py:method=prometar \
     --workdir workdir/demo/prometar
@@ -44,17 +46,13 @@ per-task table is in docs/demo.md):
 from __future__ import annotations
 
 from configs import common
-from prometar_jax.demo import build as demo_build
-from prometar_jax.demo import datasets as demo_datasets
+from demo import build as demo_build
+from demo import datasets as demo_datasets
 
 METHODS = ("zeroshot", "coop", "ivlp", "prometar")
-# Table labels of the methods.
-METHOD_LABELS = {
-  "zeroshot": "Zero-shot CLIP",
-  "coop": "CoOp",
-  "ivlp": "IVLP",
-  "prometar": "ProMetaR",
-}
+# The function launch.py calls for the whole demo (every method, one
+# table) instead of the training system.
+DRIVER = "demo.run:run_and_print"
 # Prompt depth in the 4-layer towers (the paper: 9 of 12 layers).
 DEPTH = 3
 # Chosen on IVLP alone (seed 1, the average HM of the three tasks),
@@ -88,11 +86,15 @@ def for_method(config, method: str):
 
   Prompt lengths and depths are the config's own (so that overrides such
   as --config.prompt.n_ctx_vision=2 reach every method); the method only
-  picks the learner and the training scheme.
+  picks the learner and the training scheme. The copy has no driver: the
+  training system trains it.
   """
   if method not in METHODS:
     raise ValueError(f"unknown demo method {method!r}; use one of {METHODS}")
   config = config.copy_and_resolve_references()
+  if "driver" in config:
+    with config.unlocked():
+      del config["driver"]
   shape = {
     k: config.prompt[k]
     for k in ("n_ctx_text", "n_ctx_vision", "depth_text", "depth_vision")
@@ -147,8 +149,8 @@ def get_config(arg=None):
   # Runs are short: a finished run's summary.json is what makes a rerun
   # skip it; orbax saves would cost more than they save.
   config.checkpoint.enabled = False
-  # What prometar_jax.demo.run sweeps. launch.py runs the whole sweep
-  # (demo.run) when `sweep`, else trains the config's own method.
+  # What demo/run.py sweeps when `sweep` (its driver then runs every
+  # method); else launch.py trains the config's own method.
   config.demo = dict(
     methods=METHODS if arg.method == "all" else (arg.method,),
     sweep=arg.method == "all",
@@ -163,4 +165,8 @@ def get_config(arg=None):
     config.eval.max_examples = 40
     config.log_every = 1
   # The project's main job, ProMetaR, unless one method is asked for.
-  return for_method(config, "prometar" if arg.method == "all" else arg.method)
+  if arg.method != "all":
+    return for_method(config, arg.method)
+  config = for_method(config, "prometar")
+  config.driver = DRIVER
+  return config

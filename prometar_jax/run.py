@@ -38,6 +38,7 @@ from prometar_jax import (
   data,
   errors,
   evaluate,
+  features,
   fileio,
   guard,
   meta_step,
@@ -45,7 +46,6 @@ from prometar_jax import (
   protocol,
   results,
   schedules,
-  zeroshot,
 )
 from prometar_jax import prompt_learners as pl
 from prometar_jax import sharding as sharding_lib
@@ -87,27 +87,6 @@ def make_train_step(
     out_shardings=(repl, repl),
     donate_argnums=(0,),
   )
-
-
-def class_features(
-  spec, clip, classnames, mesh, shard_classes, multiple=1, text_buckets=1
-) -> dict:
-  """Token ids, the 60-template teacher T0 and the mask, on the mesh.
-
-  With `text_buckets` > 1 the class prompts are grouped by length
-  (`prompt_learners.bucket_token_ids`, exact); not with class padding
-  (`multiple` > 1), whose point is one shape for every dataset.
-  """
-  ids = pl.class_token_ids(spec.prompt, clip, classnames)
-  teacher = np.asarray(zeroshot.teacher_text_features(clip, classnames))
-  feats = {
-    "token_ids": ids,
-    "teacher": teacher.astype(np.float32),
-    "class_mask": np.ones(len(ids), bool),
-  }
-  if text_buckets > 1 and multiple == 1:
-    feats["token_ids"] = pl.bucket_token_ids(ids, text_buckets)
-  return sharding_lib.put_class_features(feats, mesh, shard_classes, multiple)
 
 
 def step_spec(config) -> meta_step.StepSpec:
@@ -224,7 +203,7 @@ def _train(
       )
     return state, info
 
-  feats = class_features(
+  feats = features.class_features(
     spec,
     clip,
     split["classnames"],

@@ -32,7 +32,7 @@ import json, sys
 sys.path.insert(0, {tests!r})
 import jax, numpy as np
 import train_testlib
-from prometar_jax import data, sharding, train
+from prometar_jax import data, features, sharding, train
 from prometar_jax import run as run_lib
 assets, extra = json.loads(sys.argv[1]), json.loads(sys.argv[2])
 out = sys.argv[3]
@@ -46,7 +46,7 @@ mesh = sharding.make_mesh(-1)
 spec = train.check_config(config)
 clip = train.load_clip(config, mesh)
 split = data.fewshot_split("eurosat", assets["data"], 4, 1, "base")
-feats = run_lib.class_features(spec, clip, split["classnames"], mesh, True)
+feats = features.class_features(spec, clip, split["classnames"], mesh, True)
 state = run_lib._init_fn(spec, mesh)(clip, np.int32(1))
 layout = sharding.batch_layout(4, mesh)
 batch = {{

@@ -247,7 +247,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(e2e, assets, tmp_path):
 def test_epoch_lrs_match_dassl():
   optim = common.get_base_config().optim
   lrs = [schedules.epoch_lr(optim, e, 10) for e in range(10)]
-  # DATA.md 3.5 (constant warm-up, then cosine restarted after it).
+  # Constant warm-up, then the cosine restarted after it (docs/training.md,
+  # "Learning-rate schedule").
   expected = [1e-5, 2.5e-3, 2.4388e-3, 2.2613e-3, 1.9847e-3, 1.6363e-3]
   expected += [1.25e-3, 8.637e-4, 5.153e-4, 2.387e-4]
   np.testing.assert_allclose(lrs, expected, rtol=2e-4)

@@ -1,15 +1,17 @@
 """Gradient alignment of prompt updates with held-out-class gradients.
 
-The first-order view of ProMetaR (PAPER.md 10.1): with the training-side
-update u = g + M^phi(g_reg; g) and theta_hat = theta - a * u,
+The first-order view of ProMetaR (docs/method.md, "Gradient alignment"):
+with the training-side update u = g + M^phi(g_reg; g) and
+theta_hat = theta - a * u,
 
   L_val(theta_hat) - L_val(theta) = -a * <grad L_val(theta), u> + O(a^2),
 
 so the meta objective rewards updates that point along the gradient of
 classes the update never saw. This module measures that on a fixed pool of
-labelled images (PAPER.md 10.3): many random class-disjoint splits of the
-pool into a support set (training side) and one held-out query class, and
-for each split the cosines between the query gradient and
+labelled images (docs/method.md, "How it is measured"): many random
+class-disjoint splits of the pool into a support set (training side) and
+one held-out query class, and for each split the cosines between the query
+gradient and
 
   "task"          g      = grad CE(support)
   "reg"           g_reg  = grad (R_text + R_image(support))
@@ -110,9 +112,9 @@ def sample_split(key, labels, support_size: int | None = None) -> dict:
   """A class-disjoint split of a pool as boolean masks (fixed shapes).
 
   The query class is drawn uniformly among the classes present, as the
-  training step draws it (`meta_step.sample_task`, PAPER.md 7); the query
-  is every pool sample of that class and the support the others, or
-  `support_size` of them drawn without replacement.
+  training step draws it (`meta_step.sample_task`; docs/official_code.md,
+  "Virtual tasks"); the query is every pool sample of that class and the
+  support the others, or `support_size` of them drawn without replacement.
 
   Args:
     key: a PRNG key.
@@ -189,9 +191,10 @@ def pool_vjp(params, clip, feats, images, labels, spec: meta_step.StepSpec):
 def heldout_gradient(params, clip, heldout: dict, spec: meta_step.StepSpec):
   """(grad, loss): mean CE gradient on a separate labelled set.
 
-  For the diagnostic of PAPER.md 10.3 (5): `heldout` holds new-class images
-  with labels over the new classes and the new classes' features
-  ({"feats", "image", "label"}). Never used for training.
+  For the new-class diagnostic (docs/method.md, "How it is measured", 5):
+  `heldout` holds new-class images with labels over the new classes and
+  the new classes' features ({"feats", "image", "label"}). Never used for
+  training.
   """
   images, labels = heldout["image"], heldout["label"]
   v0 = meta_step.frozen_image_features(clip, images)
@@ -335,7 +338,8 @@ def alignment(
     split_batch: splits whose backward passes run together (None: all S
       at once; smaller bounds memory on big models, 1 is sequential).
     heldout: optional {"feats", "image", "label"} set (new classes): its CE
-      gradient replaces the query-class gradient (PAPER.md 10.3 (5)).
+      gradient replaces the query-class gradient (the new-class
+      diagnostic of docs/method.md, "How it is measured").
     return_gammas: also return every split's gamma (for histograms).
 
   Returns:

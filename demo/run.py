@@ -1,8 +1,12 @@
 r"""The offline demo: every method of configs/demo.py, then one table.
 
-  python -m prometar_jax.demo.run --workdir workdir/demo
-  python -m prometar_jax.demo.run --workdir workdir/demo3 \
+  python launch.py --config configs/demo.py --workdir workdir/demo
+  python -m demo.run --workdir workdir/demo3 \
     --config configs/demo.py:seeds=1,2,3
+
+(`configs/demo.py` names `run_and_print` as its driver, which launch.py
+calls; `python -m demo.run`, from the checkout's root, is the same job
+without launch.py.)
 
 Builds the assets if missing (build.py), then for each method of
 `config.demo.methods` calls `prometar_jax.train.train_and_evaluate` with
@@ -40,12 +44,12 @@ from collections.abc import Mapping, Sequence
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from configs import demo as demo_config
+from demo import build as demo_build
+from demo import datasets as demo_datasets
 from prometar_jax import fileio, metrics, results
-from prometar_jax.demo import build as demo_build
-from prometar_jax.demo import datasets as demo_datasets
 
-_REPO = os.path.dirname(os.path.dirname(demo_build.PACKAGE_DIR))
-DEFAULT_CONFIG = os.path.join(_REPO, "configs", "demo.py")
+DEFAULT_CONFIG = os.path.join(demo_build.CHECKOUT, "configs", "demo.py")
 CONFIG_JSON = "config.json"
 LOG_FILE = "demo.log"
 # The method that trains in the calling thread (the longest); the others
@@ -54,7 +58,7 @@ MAIN_LANE = "prometar"
 # Config keys that change what is shown, not what is computed.
 _DISPLAY_KEYS = ("progress_bar", "log_every")
 
-# Table labels (configs/demo.py METHODS).
+# Table labels of configs/demo.py's METHODS.
 LABELS = {
   "zeroshot": "Zero-shot CLIP",
   "coop": "CoOp",
@@ -63,19 +67,9 @@ LABELS = {
 }
 
 
-def _config_module():
-  """configs/demo.py as a module (the `configs` folder is not installed)."""
-  if _REPO not in sys.path:
-    sys.path.insert(0, _REPO)
-  from configs import demo
-
-  return demo
-
-
 def method_configs(config) -> dict:
   """{method: the config that trains it}, in `config.demo.methods` order."""
-  demo = _config_module()
-  return {m: demo.for_method(config, m) for m in config.demo.methods}
+  return {m: demo_config.for_method(config, m) for m in config.demo.methods}
 
 
 def _check_workdir(path: str, config) -> None:
@@ -210,7 +204,8 @@ def run_demo(
   workdir: str,
   *,
   progress: bool = True,
-  archive_old_runs=False,
+  archive_old_runs: bool = False,
+  eval_only: bool = False,
   quiet: bool = False,
 ) -> dict:
   """Builds the assets, trains and evaluates every method, writes tables.
@@ -221,6 +216,8 @@ def run_demo(
     progress: progress bars for the build and the training.
     archive_old_runs: move runs of another configuration aside instead of
       refusing (train.train_and_evaluate).
+    eval_only: evaluate the latest checkpoint (or prompts) of every run,
+      no training (train.train_and_evaluate).
     quiet: the full log to workdir/demo.log, and only warnings and one
       line per run on the terminal (`metrics.terminal`).
 
@@ -232,19 +229,26 @@ def run_demo(
 
   log = os.path.join(workdir, LOG_FILE) if quiet else None
   with workdir_lib.hold(workdir), metrics.terminal(log):
-    return _run_demo(config, workdir, progress, archive_old_runs)
+    return _run_demo(
+      config,
+      workdir,
+      progress,
+      dict(archive_old_runs=archive_old_runs, eval_only=eval_only),
+    )
 
 
-def _train_methods(configs: Mapping, workdir, archive_old_runs) -> dict:
-  """{method: (run summaries, wall seconds)}, one method after another."""
+def _train_methods(configs: Mapping, workdir, train_args: Mapping) -> dict:
+  """{method: (run summaries, wall seconds)}, one method after another.
+
+  `train_args`: train.train_and_evaluate's archive_old_runs, eval_only.
+  """
   from prometar_jax import train
 
   out = {}
   for method, c in configs.items():
     t = time.time()
-    runs = train.train_and_evaluate(
-      c, os.path.join(workdir, method), archive_old_runs=archive_old_runs
-    )["runs"]
+    path = os.path.join(workdir, method)
+    runs = train.train_and_evaluate(c, path, **train_args)["runs"]
     out[method] = (runs, time.time() - t)
   return out
 
@@ -264,7 +268,7 @@ def _title(config) -> str:
   return f"Demo: base-to-new in the generated world (seeds {seeds})"
 
 
-def _run_demo(config, workdir, progress, archive_old_runs) -> dict:
+def _run_demo(config, workdir, progress, train_args) -> dict:
   configs = method_configs(config)
   # Only a terminal can draw two bars at once; elsewhere (a pipe, a file)
   # the second lane's runs show their summary lines only.
@@ -273,7 +277,7 @@ def _run_demo(config, workdir, progress, archive_old_runs) -> dict:
     c.progress_bar = c.progress_bar and (
       progress if method == MAIN_LANE else second_bars
     )
-    if not archive_old_runs:
+    if not train_args["archive_old_runs"]:
       _check_workdir(os.path.join(workdir, method), c)
   t0 = time.time()
   names = tuple(demo_datasets.display_name(d) for d in config.data.datasets)
@@ -295,9 +299,9 @@ def _run_demo(config, workdir, progress, archive_old_runs) -> dict:
   try:
     lane = None
     if second:
-      lane = pool.submit(_train_methods, second, workdir, archive_old_runs)
+      lane = pool.submit(_train_methods, second, workdir, train_args)
       lane.add_done_callback(_say_if_failed)
-    done = _train_methods(first, workdir, archive_old_runs)
+    done = _train_methods(first, workdir, train_args)
     if lane is not None:
       done.update(lane.result())
   finally:
@@ -332,8 +336,10 @@ def _header(config, workdir: str) -> str:
   )
 
 
-def run_and_print(config, workdir: str, archive_old_runs=False) -> dict:
-  """The command line's job (also launch.py's for configs/demo.py).
+def run_and_print(
+  config, workdir: str, archive_old_runs=False, eval_only=False
+) -> dict:
+  """The demo's job: configs/demo.py's driver, which launch.py calls.
 
   `run_demo` with a quiet terminal and a persistent compilation cache in
   the demo's cache folder (reruns, and the three-seed run after the
@@ -357,6 +363,7 @@ def run_and_print(config, workdir: str, archive_old_runs=False) -> dict:
     workdir,
     progress=config.progress_bar,
     archive_old_runs=archive_old_runs,
+    eval_only=eval_only,
     quiet=True,
   )
   print()
