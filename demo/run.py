@@ -28,8 +28,9 @@ The terminal (`run_and_print`): one line per run when it ends, a bar
 while it trains (the second lane's bars only on a terminal, where tqdm
 can draw two), then the table; the full log is in workdir/demo.log.
 
-A method whose runs are done (summary.json) is not trained again; a
-workdir holding another configuration is refused rather than mixed.
+A method whose runs are done (summary.json) is not trained again, and
+more seeds in the same workdir add runs; a workdir holding another
+configuration is refused rather than mixed.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from ml_collections import config_flags
 from configs import demo as demo_config
 from demo import build as demo_build
 from demo import datasets as demo_datasets
-from prometar_jax import fileio, metrics, results
+from prometar_jax import fileio, identity, metrics, results
 
 DEFAULT_CONFIG = os.path.join(demo_build.CHECKOUT, "configs", "demo.py")
 CONFIG_JSON = "config.json"
@@ -55,8 +56,6 @@ LOG_FILE = "demo.log"
 # The method that trains in the calling thread (the longest); the others
 # share a second thread (see the module docstring).
 MAIN_LANE = "prometar"
-# Config keys that change what is shown, not what is computed.
-_DISPLAY_KEYS = ("progress_bar", "log_every")
 
 # Table labels of configs/demo.py's METHODS.
 LABELS = {
@@ -73,22 +72,22 @@ def method_configs(config) -> dict:
 
 
 def _check_workdir(path: str, config) -> None:
-  """Refuses a method workdir written by another configuration."""
+  """Refuses, before any work, a method workdir of another configuration.
+
+  Each run's identity (prometar_jax/identity.py) is checked again when its
+  method trains; this checks every method's saved sweep config first, so
+  that one lane cannot start training while the other is refused. Keys
+  that cannot change a result (seeds, datasets, logging, ...) may differ:
+  more seeds in the same workdir reuse the runs already done.
+  """
   found = os.path.join(path, CONFIG_JSON)
   if not os.path.isfile(found):
     return
-  with open(found) as f:
-    old = json.load(f)
-  new = json.loads(config.to_json_best_effort())
-  for key in _DISPLAY_KEYS:
-    old.pop(key, None)
-    new.pop(key, None)
-  if old != new:
-    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    raise ValueError(
-      f"{path} holds runs of another configuration (differs in "
-      f"{', '.join(keys)}); use another --workdir or delete it"
-    )
+  saved = identity.config_identity(fileio.read_json(found))
+  now = identity.config_identity(json.loads(config.to_json_best_effort()))
+  diff = identity.differences(saved, now)
+  if diff:
+    raise identity.mismatch_error([identity.describe(path, diff)])
 
 
 def combine(runs: Mapping[str, Sequence[Mapping]]) -> dict:

@@ -26,6 +26,7 @@ from demo import datasets as demo_datasets
 from demo import tokenizer as tokenizer_lib
 from prometar_jax import results
 from prometar_jax.data import datasets as coop_datasets
+from prometar_jax.errors import RunMismatch
 from prometar_jax.models import clip as clip_lib
 
 # Small enough to compile fast; 3 layers so that depth-3 prompts fit.
@@ -275,12 +276,21 @@ def test_demo_end_to_end_quick(micro_clip, tmp_path, fast_compile):
     again["table"] == json.loads(json.dumps(table))
     or again["table"]["rows"] == table["rows"]
   )
-  # Another configuration in the same workdir is refused, not mixed.
-  other = demo_config.get_config(f"quick,seeds=2,cache={cache}")
-  other.model.name = micro_clip[0]
-  other.demo.per_class = SMALL
-  with pytest.raises(ValueError, match="another configuration"):
-    run.run_demo(other, str(tmp_path / "wd"), progress=False)
+
+  # More seeds in the same workdir are welcome (seed 1's runs are reused);
+  # another configuration is refused before any work, naming the key.
+  def variant(seeds, lr=demo_config.LR):
+    c = demo_config.get_config(f"quick,seeds={seeds},cache={cache}")
+    c.model.name = micro_clip[0]
+    c.demo.per_class = SMALL
+    c.eval.batch_size = 32
+    c.optim.lr = lr
+    return c
+
+  for m, c in run.method_configs(variant("1,2")).items():
+    run._check_workdir(str(tmp_path / "wd" / m), c)
+  with pytest.raises(RunMismatch, match=r"optim\.lr: 0\.0025 \(saved\)"):
+    run.run_demo(variant("1", lr=0.001), str(tmp_path / "wd"), progress=False)
 
 
 def test_pretraining_is_deterministic(micro_clip, tmp_path):
