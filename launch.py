@@ -26,6 +26,9 @@ import sys
 
 # TensorFlow only reads images here: keep it off the accelerators.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+# transformers serves the tokenizer and the config reader only; without
+# torch it would print that its models are unavailable, which we never use.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402

@@ -384,6 +384,8 @@ def _main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+  # Tokenizer and config reader only (see launch.py).
+  os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
   import tensorflow as tf
 
   tf.config.set_visible_devices([], "GPU")
