@@ -271,6 +271,7 @@ def test_guard_bounds_by_hand():
   g = guard.Guard(guard.Bounds(100.0, 1e4), initial_norm=2.0, where=where)
   state = run_lib.meta_step.TrainState(
     step=np.int32(0),
+    steps_per_epoch=np.int32(3),
     prompts={"text": np.full((2, 2), 100.0, np.float32)},  # norm 200
     gradnet={},
     opt_prompts={},
