@@ -208,7 +208,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     weight_decay=5e-4,
   )
   # Released code: the VNet's scheduler is never stepped, so it trains at
-  # its warm-up lr of 1e-6 for the whole run (DATA.md 3.5).
+  # its warm-up lr of 1e-6 for the whole run (docs/method.md). Its cosine,
+  # when set, spans config.optim.epochs.
   config.optim_gradnet = dict(
     lr=1e-6,
     schedule="constant",
