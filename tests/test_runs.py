@@ -309,7 +309,7 @@ def test_finite_blow_up_stops_and_keeps_a_sane_checkpoint(assets, tmp_path):
   spec = train.check_config(config)
   mesh = sharding.make_mesh(1)
   clip = train.load_clip(config, mesh)
-  init = run_lib._init_fn(spec, mesh)(clip, np.int32(1))
+  init = run_lib._init_fn(spec, mesh)(clip, np.int32(1), np.int32(3))
   ckpt = checkpoint.Checkpointer(str(run_dir / "checkpoints"))
   state, meta = ckpt.restore(init)
   ckpt.close()
