@@ -210,6 +210,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   )
   # Released code: the VNet's scheduler is never stepped, so it trains at
   # its warm-up lr of 1e-6 for the whole run (docs/official_code.md, D2).
+  # Its cosine, when set, spans config.optim.epochs.
   config.optim_gradnet = dict(
     lr=1e-6,
     schedule="constant",

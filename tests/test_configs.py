@@ -14,7 +14,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from configs import common
-from prometar_jax import meta_step, train
+from prometar_jax import meta_step, schedules, train
 from prometar_jax import prompt_learners as pl
 
 CONFIGS = ("base2new", "domain_generalization", "cross_dataset", "variants")
@@ -59,14 +59,14 @@ def test_every_step_field_is_a_config_key():
   # No hidden defaults: each PromptConfig / MetaConfig field has a key.
   c = common.get_base_config()
   assert {f.name for f in dataclasses.fields(pl.PromptConfig)} == set(c.prompt)
-  from_optim = {
-    "momentum",
-    "weight_decay",
-    "gradnet_momentum",
-    "gradnet_weight_decay",
-  }
   meta_fields = {f.name for f in dataclasses.fields(meta_step.MetaConfig)}
-  assert meta_fields == set(c.meta) | from_optim
+  assert meta_fields == set(c.meta)
+  # The gradnet's schedule spans the run: its epochs are config.optim's.
+  optim_fields = {f.name for f in dataclasses.fields(schedules.Optimizer)}
+  assert optim_fields == set(c.optim) == set(c.optim_gradnet) | {"epochs"}
+  spec = train.step_spec(c)
+  assert spec.optim == schedules.Optimizer(**c.optim)
+  assert spec.optim_gradnet.epochs == c.optim.epochs
 
 
 def test_parse_arg_types_tuples_and_flags():

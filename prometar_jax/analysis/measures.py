@@ -126,7 +126,7 @@ def sample_split(key, labels, support_size: int | None = None) -> dict:
   """
   k_task, k_sub = jax.random.split(key)
   task = meta_step.sample_task(k_task, labels, 1.0, 1.0)
-  query, support = task["query"], task["support"]
+  query, support = task.query, task.support
   n = labels.shape[0]
   if support_size is not None and support_size < n:
     score = jnp.where(support, jax.random.uniform(k_sub, (n,)), -1.0)
@@ -160,12 +160,13 @@ def pool_vjp(params, clip, feats, images, labels, spec: meta_step.StepSpec):
   text_reg = 1 the regularizer gradient of `task_and_reg_grads`.
   """
   v0 = meta_step.frozen_image_features(clip, images)
-  rows = jnp.ones(labels.shape, bool)
+  frozen = meta_step.Frozen(clip, feats)
+  x = meta_step.Inputs(images, labels, v0, jnp.ones(labels.shape, bool))
+  # The per-sample terms need the features and logits.
+  recording = dataclasses.replace(spec, record_intermediates=True)
 
   def per_sample(p):
-    (_, _), aux = meta_step.forward(
-      p, clip, feats, images, labels, v0, rows, spec
-    )
+    (_, _), aux = meta_step.forward(p, frozen, x, recording)
     ce = losses.cross_entropy(aux["logits"], labels)
     diff = jnp.abs(aux["image_features"] - v0)
     r_image = spec.meta.image_reg_weight * jnp.mean(diff, axis=-1)
@@ -198,12 +199,11 @@ def heldout_gradient(params, clip, heldout: dict, spec: meta_step.StepSpec):
   """
   images, labels = heldout["image"], heldout["label"]
   v0 = meta_step.frozen_image_features(clip, images)
-  rows = jnp.ones(labels.shape, bool)
+  frozen = meta_step.Frozen(clip, heldout["feats"])
+  x = meta_step.Inputs(images, labels, v0, jnp.ones(labels.shape, bool))
 
   def ce(p):
-    (loss, _), _ = meta_step.forward(
-      p, clip, heldout["feats"], images, labels, v0, rows, spec
-    )
+    (loss, _), _ = meta_step.forward(p, frozen, x, spec)
     return loss
 
   loss, grad = jax.value_and_grad(ce)(params)
@@ -402,15 +402,15 @@ def first_order_check(
     "dot": <grad L_val, u>}.
   """
   images, labels = pool["image"], pool["label"]
+  frozen = meta_step.Frozen(clip, feats)
   v0 = meta_step.frozen_image_features(clip, images)
-  g, g_reg, _ = meta_step.task_and_reg_grads(
-    params, clip, feats, images, labels, v0, split["support"], spec
-  )
+  x = meta_step.Inputs(images, labels, v0, split["support"])
+  g, g_reg, _ = meta_step.task_and_reg_grads(params, frozen, x, spec)
   u, _ = meta_step.combine(gnet, g, g_reg, spec.meta)
 
   def val_loss(p):
     (ce, _), _ = meta_step.forward(
-      p, clip, feats, images, labels, v0, split["query"], spec
+      p, frozen, x.replace(rows=split["query"]), spec
     )
     return ce
 

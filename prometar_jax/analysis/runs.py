@@ -115,7 +115,8 @@ def state_target(spec: meta_step.StepSpec, clip) -> meta_step.TrainState:
   prompt = dataclasses.replace(spec.prompt, init_words="")
   key = jax.random.key(0)
   prompts = pl.init(key, clip, (), prompt)
-  return meta_step.init_state(key, prompts, spec)
+  # Any epoch length: a restore reads the saved one.
+  return meta_step.init_state(key, prompts, spec, steps_per_epoch=1)
 
 
 def restore_states(
