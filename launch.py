@@ -8,20 +8,27 @@ On every host of a TPU pod slice (or several GPU hosts), the same line with
 the other hosts by itself, elsewhere pass --coordinator_address,
 --num_processes and --process_id). See docs/tpu.md.
 
-Everything happens in `prometar_jax.train.train_and_evaluate(config,
-workdir)`, which a notebook can call directly. The offline demo
-(configs/demo.py, docs/demo.md) trains its four methods and prints their
-table (`prometar_jax.demo.run.run_demo`):
+Everything happens in the config's driver: by default the training
+system, `prometar_jax.train.train_and_evaluate(config, workdir)`, which a
+notebook can call directly. A config may name another driver as
+`config.driver = "module:function"`, a function called as
+`f(config, workdir, eval_only=..., archive_old_runs=...)`; the offline
+demo's config (configs/demo.py, docs/demo.md) names the one that trains
+its four methods and prints their table:
 
   python launch.py --config configs/demo.py --workdir workdir/demo
 """
 
+import importlib
 import logging as py_logging
 import os
 import sys
 
 # TensorFlow only reads images here: keep it off the accelerators.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+# transformers serves the tokenizer and the config reader only; without
+# torch it would print that its models are unavailable, which we never use.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
@@ -121,20 +128,46 @@ def _flush():
   sys.stderr.flush()
 
 
+def train(config, workdir, *, eval_only, archive_old_runs):
+  """The default driver: the training system, logging from process 0."""
+  import jax
+
+  if jax.process_index() != 0:
+    logging.set_verbosity(logging.WARNING)
+  logging.info(
+    "process %d/%d, %d local / %d global devices",
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+  )
+  from prometar_jax import train as train_lib
+
+  train_lib.train_and_evaluate(
+    config, workdir, eval_only=eval_only, archive_old_runs=archive_old_runs
+  )
+
+
+def driver(config):
+  """The function that runs `config`: its `driver`, else `train`."""
+  name = config.get("driver") or ""
+  if not name:
+    return train
+  module, sep, attr = name.partition(":")
+  try:
+    if not sep:
+      raise ValueError("expected 'module:function'")
+    return getattr(importlib.import_module(module), attr)
+  except (ImportError, AttributeError, ValueError) as e:
+    raise ValueError(f"config.driver={name!r}: {e}") from e
+
+
 def _main():
   import tensorflow as tf
 
   tf.config.set_visible_devices([], "GPU")
   config = FLAGS.config
-  if "demo" in config and config.demo.sweep and not FLAGS.eval_only:
-    # configs/demo.py with every method: the offline demo's table, on a
-    # quiet terminal (its log goes to the workdir from the first line on).
-    from prometar_jax.demo import run as demo_run
-
-    demo_run.run_and_print(
-      config, FLAGS.workdir, archive_old_runs=FLAGS.archive_old_runs
-    )
-    return
+  run = driver(config)
   import jax
 
   if FLAGS.distributed:
@@ -145,18 +178,7 @@ def _main():
     }
     jax.distributed.initialize(**kwargs)
   logging.get_absl_logger().addFilter(_QuietLibraries())
-  if jax.process_index() != 0:
-    logging.set_verbosity(logging.WARNING)
-  logging.info(
-    "process %d/%d, %d local / %d global devices",
-    jax.process_index(),
-    jax.process_count(),
-    jax.local_device_count(),
-    jax.device_count(),
-  )
-  from prometar_jax import train
-
-  train.train_and_evaluate(
+  run(
     config,
     FLAGS.workdir,
     eval_only=FLAGS.eval_only,

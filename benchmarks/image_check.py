@@ -14,6 +14,7 @@ Prints milliseconds per image for each check and the extrapolated seconds.
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 
@@ -47,7 +48,12 @@ def report(name, n, decode, header, scale_to=50_000):
 
 
 def demo_images():
-  from prometar_jax.demo import build as demo_build
+  # demo/ is a folder of the checkout (a client of the library, not
+  # installed), beside benchmarks/.
+  sys.path.insert(
+    0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  )
+  from demo import build as demo_build
 
   root = demo_build.data_root()
   if not os.path.isdir(root):

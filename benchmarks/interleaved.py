@@ -52,7 +52,7 @@ except ImportError:  # run as a script from benchmarks/
 
 def all_rows(task):
   """The inner step on every row (the support masked), as before."""
-  return jnp.arange(task["support"].shape[0])
+  return jnp.arange(task.support.shape[0])
 
 
 def clip_module_at(rev: str):
@@ -98,10 +98,12 @@ def main():
   for name, (ids, slots, towers) in variants.items():
     # Traced now, so the rows rule of this variant is baked into its step.
     meta_step.support_slots = slots
-    clip, feats, spec, state, batch = step_inputs(args.classes, ids)
+    frozen, spec, state, batch = step_inputs(args.classes, ids)
     if towers is not None:  # the same weights through REV's tower code
+      clip = frozen.clip
       clip = towers.CLIP(towers.VIT_B16, clip.params, dtype=clip.dtype)
-    args_ = (state, clip, feats, batch, 0.0025, 1e-6)
+      frozen = frozen.replace(clip=clip)
+    args_ = (state, frozen, batch)
     step = jax.jit(functools.partial(meta_step.train_step, spec=spec))
     t = time.perf_counter()
     fn = step.lower(*args_).compile()

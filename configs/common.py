@@ -128,9 +128,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   """ProMetaR with the released hyper-parameters, base-to-new on EuroSAT.
 
   Values are those of the official `vit_b16_c2_ep10_batch4_4+4ctx.yaml`
-  plus the Dassl defaults it relies on (DATA.md 3.1): ViT-B/16, 16 shots,
-  batch 4, 10 epochs, SGD lr 0.0025 (momentum 0.9, weight decay 5e-4)
-  cosine with one constant warm-up epoch at 1e-5 stepped per epoch, IVLP
+  plus the Dassl defaults it relies on (docs/official_code.md, "Released
+  hyper-parameters"): ViT-B/16, 16 shots, batch 4, 10 epochs, SGD lr
+  0.0025 (momentum 0.9, weight decay 5e-4) cosine with one constant
+  warm-up epoch at 1e-5 stepped per epoch, IVLP
   prompts of depth 9 with 4 text + 4 vision tokens.
   """
   config = ml_collections.ConfigDict()
@@ -152,9 +153,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     init_words="a photo of a",
     init_std=0.02,
   )
-  # The released code's step (PAPER.md 8.2); `behaviour=paper` in the
-  # config argument switches to the paper's formulation (see
-  # `apply_behaviour`).
+  # The released code's step (docs/official_code.md, "One iteration of the
+  # released code"); `behaviour=paper` in the config argument switches to
+  # the paper's formulation (see `apply_behaviour`).
   config.meta = dict(
     mode="prometar",
     first_order=False,
@@ -208,7 +209,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     weight_decay=5e-4,
   )
   # Released code: the VNet's scheduler is never stepped, so it trains at
-  # its warm-up lr of 1e-6 for the whole run (DATA.md 3.5).
+  # its warm-up lr of 1e-6 for the whole run (docs/official_code.md, D2).
+  # Its cosine, when set, spans config.optim.epochs.
   config.optim_gradnet = dict(
     lr=1e-6,
     schedule="constant",
@@ -248,8 +250,9 @@ def apply_behaviour(config: ml_collections.ConfigDict, behaviour: str):
 
   "released" (default): the plain modulated step before the meta step,
   the meta loss scaled by lr_ratio = 5e-4 and the gradnet at a constant
-  1e-6. "paper" (PAPER.md 8.1): no plain step, lr_ratio = 1 and the
-  gradnet on its own cosine schedule from 2.5e-4 (the YAML's OPTIM_VNET).
+  1e-6. "paper" (docs/official_code.md, "The paper's formulation"): no
+  plain step, lr_ratio = 1 and the gradnet on its own cosine schedule from
+  2.5e-4 (the YAML's OPTIM_VNET).
   """
   if behaviour == "released":
     return config

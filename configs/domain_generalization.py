@@ -10,7 +10,8 @@ subsets for -A and -R).
 
 Arguments: seed / seeds, shots, behaviour, runlocal. The released repo has
 no config for this setting; this one keeps the base-to-new
-hyper-parameters (PAPER.md 11.2), so expect small differences.
+hyper-parameters (docs/training.md, "Protocols"), so expect small
+differences.
 
 Expected, ProMetaR paper (source; targets recalled, unverified):
 

@@ -21,7 +21,8 @@ Expected (base-to-new averages, Base / New / HM): zero-shot CLIP 69.34 /
 74.22 / 71.70; CoOp (own recipe) 82.69 / 63.22 / 71.66; MaPLe (own recipe)
 82.28 / 75.14 / 78.55; IVLP (PromptSRC's 20-epoch run) 84.21 / 71.79 /
 77.51; IVLP + ProMetaR 84.39 / 76.93 / 80.49. The paper's numbers for
-CoOp/VPT + ProMetaR could not be retrieved (PAPER.md 12.4).
+CoOp/VPT + ProMetaR could not be retrieved (docs/training.md, "The
+paper's numbers").
 """
 
 from configs import base2new, common, cross_dataset, domain_generalization

@@ -126,13 +126,20 @@ class Checkpointer:
     abstract = jax.tree.map(
       ocp.utils.to_shape_dtype_struct, _to_saveable(target)
     )
-    out = self._mngr.restore(
-      step,
-      args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract),
-        meta=ocp.args.JsonRestore(),
-      ),
-    )
+    try:
+      out = self._mngr.restore(
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract),
+          meta=ocp.args.JsonRestore(),
+        ),
+      )
+    except ValueError as e:  # orbax: the saved tree is not target's
+      raise ValueError(
+        f"checkpoint {step} in {self.directory} does not fit this version's "
+        "training state (saved by an older prometar_jax, or another "
+        f"learner?): {e}"
+      ) from e
     return _from_saveable(out["state"], target), dict(out["meta"])
 
   def close(self) -> None:

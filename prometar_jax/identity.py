@@ -107,6 +107,17 @@ def items_digest(items: Sequence, root: str) -> str:
   return _digest(rows)
 
 
+def config_identity(config: Mapping) -> dict:
+  """The config part of an identity: {"config.<key>": value}, less IGNORED.
+
+  Args:
+    config: a config as a (nested) mapping: `ConfigDict.to_dict()`, or a
+      sweep's config.json as read back.
+  """
+  flat = _flatten(config)
+  return {f"config.{k}": v for k, v in flat.items() if not _ignored(k)}
+
+
 def run_identity(
   config,
   dataset: str,
@@ -127,8 +138,7 @@ def run_identity(
     data_dir: the dataset's folder; its split_*.json files are hashed.
     clip_files: the CLIP checkpoint's config and weights files.
   """
-  flat = _flatten(config.to_dict())
-  out = {f"config.{k}": v for k, v in flat.items() if not _ignored(k)}
+  out = config_identity(config.to_dict())
   out["run.dataset"] = dataset
   out["run.seed"] = int(seed)
   root = config.data.root

@@ -1,12 +1,14 @@
 """The ProMetaR training step as one pure, jit-compiled function.
 
-One iteration on a batch (x, y) of B images, theta = prompts, phi = gradnet:
+`train_step(state, frozen, batch, spec=...)`: one iteration on a batch (x, y)
+of B images, theta = prompts, phi = gradnet:
 
 1. Frozen CLIP image features v0 = normalize(f(x)), once per batch.
 2. Stage 1 (the released code's plain step): g_ce, g_reg on the whole batch
-   from ONE forward (two cotangents of one `jax.vjp`), the modulated gradient
-   g_ce + gamma_phi(g_ce, g_reg) * g_reg, and an SGD update theta -> theta1.
-   Nothing is differentiated through it: no second-order graph.
+   from ONE forward (two cotangents of one `jax.vjp`), the update rule's
+   direction, e.g. g_ce + gamma_phi(g_ce, g_reg) * g_reg, and an SGD update
+   theta -> theta1. Nothing is differentiated through it: no second-order
+   graph.
 3. Task augmentation with fixed shapes: a query class among the classes
    present, query / support masks, lambda ~ Beta(a, b) per sample and a
    partner drawn from the support. With a single class in the batch the meta
@@ -20,20 +22,30 @@ One iteration on a batch (x, y) of B images, theta = prompts, phi = gradnet:
    features computed with theta_hat, times lr_ratio; its gradients update
    theta1 (same SGD state, second step) and phi (its own SGD).
 
+Update rules by name (`RULES`, selected by `MetaConfig.mode`): "prometar"
+(the learned gate above), "plain" (cross-entropy only: the learner's own
+baseline) and "fixed_reg" (g_ce + fixed_gamma * g_reg). Only a rule with a
+learned gradnet has steps 3-5.
+
 Two behaviours, set by `MetaConfig` and documented side by side in
 docs/method.md: the released code (plain step, lr_ratio = 5e-4, gradnet lr
-stuck at 1e-6: PAPER.md D1-D5) and the paper's formulation (no plain step,
-lr_ratio = 1, the gradnet on its own schedule).
+stuck at 1e-6) and the paper's formulation (no plain step, lr_ratio = 1,
+the gradnet on its own schedule). The optimizers and their epoch-stepped
+learning rates are optax (schedules.py): the step reads them from its
+`StepSpec` and evaluates the lr at `state.step`.
 
-`mode` also selects the baselines that share this code: "plain" trains the
-learner with cross-entropy only; "fixed_reg" adds the regularizer gradient
-with a fixed weight (gamma = fixed_gamma), no meta-learning.
+Inputs travel as three small pytrees: `Frozen` (the CLIP and the class
+features), `Inputs` (the samples a loss reads) and `Task` (the meta part's
+random choices). The functions return the losses the step logs; the
+intermediates a replay compares (features, logits, inner gradients, the
+adapted prompts...) only with `StepSpec.record_intermediates`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import flax
@@ -42,19 +54,18 @@ import jax.numpy as jnp
 import optax
 
 from prometar_jax import gradnet as gradnet_lib
-from prometar_jax import losses
+from prometar_jax import losses, schedules
 from prometar_jax import prompt_learners as pl
 from prometar_jax.models import clip as clip_lib
 
 PyTree = Any
-MODES = ("prometar", "plain", "fixed_reg")
 
 
 @dataclasses.dataclass(frozen=True)
 class MetaConfig:
   """Hyper-parameters of the step (static under jit)."""
 
-  mode: str = "prometar"
+  mode: str = "prometar"  # the update rule: a key of RULES
   first_order: bool = False
   plain_step: bool = True  # released code: the stage-1 update happens
   adapt_lr: float = 5e-4
@@ -65,82 +76,120 @@ class MetaConfig:
   text_reg_weight: float = 50.0
   image_reg_weight: float = 20.0
   fixed_gamma: float = 0.5
-  momentum: float = 0.9
-  weight_decay: float = 5e-4
-  gradnet_momentum: float = 0.9
-  gradnet_weight_decay: float = 5e-4
 
   def __post_init__(self):
-    if self.mode not in MODES:
-      raise ValueError(f"unknown step mode {self.mode!r}; use one of {MODES}")
-
-  @classmethod
-  def from_config(cls, config) -> MetaConfig:
-    fields = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in dict(config).items() if k in fields})
+    if self.mode not in RULES:
+      raise ValueError(
+        f"unknown step mode {self.mode!r}; use one of {tuple(RULES)}"
+      )
 
 
 @dataclasses.dataclass(frozen=True)
 class StepSpec:
-  """Everything static about a step: the learner and the meta settings."""
+  """Everything static about a step: learner, meta settings, optimizers.
+
+  `record_intermediates` is the one switch for what a replay or an analysis
+  compares beyond the losses: with it, `forward`, `inner_adapt`,
+  `query_loss` and `meta_loss` also return features, logits, the inner
+  gradients and slots and the adapted prompts. The training step never
+  needs them.
+  """
 
   prompt: pl.PromptConfig
   meta: MetaConfig
+  optim: schedules.Optimizer = schedules.Optimizer()
+  # Released code: the gradnet's scheduler is never stepped (its warm-up lr
+  # for the whole run, docs/method.md).
+  optim_gradnet: schedules.Optimizer = schedules.Optimizer(
+    lr=1e-6, schedule="constant", warmup_lr=1e-6
+  )
+  record_intermediates: bool = False
 
 
 @flax.struct.dataclass
 class TrainState:
+  """What a step changes, and where the run stands.
+
+  `steps_per_epoch` is data, not a static setting: the lr schedules are
+  epoch-stepped (epoch = step // steps_per_epoch), and one compiled step
+  then serves runs of any length.
+  """
+
   step: jax.Array
+  steps_per_epoch: jax.Array
   prompts: PyTree
   gradnet: PyTree
-  opt_prompts: PyTree
-  opt_gradnet: PyTree
+  opt_prompts: optax.OptState
+  opt_gradnet: optax.OptState
   rng: jax.Array
 
 
-def sgd(momentum: float, weight_decay: float) -> optax.GradientTransformation:
-  """torch.optim.SGD's buffer: buf = m * buf + (g + wd * p); p -= lr * buf.
+@flax.struct.dataclass
+class Frozen:
+  """What a step reads and never trains.
 
-  The learning rate is applied by `sgd_update` so that it can change every
-  epoch without retracing (it is a traced argument of the step).
+  clip: the frozen CLIP (a pytree; its params are never updated).
+  classes: {"token_ids": [C, L] (or the length groups of
+    `prompt_learners.bucket_token_ids`), "teacher": [C, D] normalized T0,
+    "class_mask": [C] bool (False = padding)}.
   """
-  return optax.chain(
-    optax.add_decayed_weights(weight_decay), optax.trace(decay=momentum)
-  )
+
+  clip: clip_lib.CLIP
+  classes: dict
 
 
-def sgd_update(tx, grads, opt_state, params, lr):
-  buf, opt_state = tx.update(grads, opt_state, params)
-  params = jax.tree.map(lambda p, b: p - lr * b, params, buf)
-  return params, opt_state
+@flax.struct.dataclass
+class Inputs:
+  """The samples a loss reads.
+
+  images: [B, H, W, 3]; labels: [B]; v0: [B, D] frozen image features;
+  rows: [B] bool, the samples of this loss (all, or the support).
+  """
+
+  images: jax.Array
+  labels: jax.Array
+  v0: jax.Array
+  rows: jax.Array
+
+  def take(self, index) -> Inputs:
+    return jax.tree.map(lambda x: x[index], self)
 
 
-def prompt_tx(meta: MetaConfig):
-  return sgd(meta.momentum, meta.weight_decay)
+@flax.struct.dataclass
+class Task:
+  """The meta part's random choices, all fixed-shape (see `sample_task`).
 
+  query, support: [B] bool; lam: [B] mixup weights; partner: [B] int, a
+  support index per sample; valid: bool, False for a single-class batch.
+  """
 
-def gradnet_tx(meta: MetaConfig):
-  return sgd(meta.gradnet_momentum, meta.gradnet_weight_decay)
+  query: jax.Array
+  support: jax.Array
+  lam: jax.Array
+  partner: jax.Array
+  valid: jax.Array
 
 
 def prompt_shapes(params: PyTree) -> dict[str, tuple[int, int, int]]:
   return {k: tuple(params[k].shape) for k in pl.PROMPT_BRANCHES if k in params}
 
 
-def init_state(key, prompts: PyTree, spec: StepSpec) -> TrainState:
-  """Optimizer states and, for ProMetaR, a fresh gradnet for `prompts`."""
+def init_state(key, prompts: PyTree, spec: StepSpec, steps_per_epoch):
+  """TrainState at step 0: optimizer states and, for a rule with a learned
+  gradnet, a fresh gradnet for `prompts`."""
   k_gnet, k_rng = jax.random.split(key)
   gnet = {}
-  if spec.meta.mode == "prometar":
+  if RULES[spec.meta.mode].learns_gradnet:
     gnet = gradnet_lib.init_gradnet(
       k_gnet, prompt_shapes(prompts), spec.meta.dim_rate
     )
   return TrainState(
     step=jnp.zeros((), jnp.int32),
+    steps_per_epoch=jnp.asarray(steps_per_epoch, jnp.int32),
     prompts=prompts,
     gradnet=gnet,
-    opt_prompts=prompt_tx(spec.meta).init(prompts),
-    opt_gradnet=gradnet_tx(spec.meta).init(gnet),
+    opt_prompts=spec.optim.init(prompts),
+    opt_gradnet=spec.optim_gradnet.init(gnet),
     rng=k_rng,
   )
 
@@ -155,56 +204,45 @@ def frozen_image_features(clip: clip_lib.CLIP, images) -> jax.Array:
   return jax.lax.stop_gradient(clip_lib.normalize(clip.encode_image(images)))
 
 
-def forward(params, clip, feats, images, labels, v0, rows, spec: StepSpec):
-  """((ce, reg), aux): the task loss and the regularizer on masked rows.
+def forward(params, frozen: Frozen, x: Inputs, spec: StepSpec):
+  """((ce, reg), aux): the task loss and the regularizer on x's rows.
 
-  Args:
-    params: learner parameters (theta).
-    clip: the frozen CLIP.
-    feats: {"token_ids": [C, L], "teacher": [C, D] normalized T0,
-      "class_mask": [C] bool (False = padding)}.
-    images: [B, H, W, 3]; labels: [B]; v0: [B, D] frozen image features.
-    rows: [B] bool, the samples of this task (all, or the support).
+  aux: {"ce", "r_text", "r_image"}, and with `spec.record_intermediates`
+  the normalized and unnormalized text and image features and the logits.
   """
-  meta = spec.meta
-  text, image = pl.encode(params, clip, feats["token_ids"], images, spec.prompt)
-  t, v = clip_lib.normalize(text), clip_lib.normalize(image)
-  logits = losses.mask_classes(clip.logit_scale * v @ t.T, feats["class_mask"])
-  ce = losses.masked_mean(losses.cross_entropy(logits, labels), rows)
-  r_text = losses.l1_regularizer(
-    t, feats["teacher"], meta.text_reg_weight, feats["class_mask"]
+  meta, clip, classes = spec.meta, frozen.clip, frozen.classes
+  text, image = pl.encode(
+    params, clip, classes["token_ids"], x.images, spec.prompt
   )
-  r_image = losses.l1_regularizer(v, v0, meta.image_reg_weight, rows)
-  aux = {
-    "ce": ce,
-    "r_text": r_text,
-    "r_image": r_image,
-    "text_features": t,
-    "image_features": v,
-    "text_features_unnormalized": text,
-    "image_features_unnormalized": image,
-    "logits": logits,
-  }
+  t, v = clip_lib.normalize(text), clip_lib.normalize(image)
+  logits = losses.mask_classes(
+    clip.logit_scale * v @ t.T, classes["class_mask"]
+  )
+  ce = losses.masked_mean(losses.cross_entropy(logits, x.labels), x.rows)
+  r_text = losses.l1_regularizer(
+    t, classes["teacher"], meta.text_reg_weight, classes["class_mask"]
+  )
+  r_image = losses.l1_regularizer(v, x.v0, meta.image_reg_weight, x.rows)
+  aux = {"ce": ce, "r_text": r_text, "r_image": r_image}
+  if spec.record_intermediates:
+    aux.update(
+      text_features=t,
+      image_features=v,
+      text_features_unnormalized=text,
+      image_features_unnormalized=image,
+      logits=logits,
+    )
   return (ce, r_text + r_image), aux
 
 
-def task_and_reg_grads(params, clip, feats, images, labels, v0, rows, spec):
+def task_and_reg_grads(params, frozen: Frozen, x: Inputs, spec: StepSpec):
   """(g_ce, g_reg, aux) from one forward and two cotangents.
 
   g_reg is the gradient of R_text + R_image: text prompts only reach R_text
   and vision prompts only R_image, so each prompt tensor gets exactly its
   own regularizer's gradient (the official routing).
   """
-  fwd = functools.partial(
-    forward,
-    clip=clip,
-    feats=feats,
-    images=images,
-    labels=labels,
-    v0=v0,
-    rows=rows,
-    spec=spec,
-  )
+  fwd = functools.partial(forward, frozen=frozen, x=x, spec=spec)
   (ce, reg), vjp, aux = jax.vjp(fwd, params, has_aux=True)
   one, zero = jnp.ones_like(ce), jnp.zeros_like(ce)
   (g_ce,) = vjp((one, zero))
@@ -212,13 +250,73 @@ def task_and_reg_grads(params, clip, feats, images, labels, v0, rows, spec):
   return g_ce, g_reg, aux
 
 
-def combine(gnet, g_ce, g_reg, meta: MetaConfig):
-  """The update direction of the step's mode, and the gammas (if learned)."""
-  if meta.mode == "prometar":
-    return gradnet_lib.modulate(gnet, g_ce, g_reg, meta.fixed_gamma)
-  if meta.mode == "fixed_reg":
-    return jax.tree.map(lambda a, b: a + meta.fixed_gamma * b, g_ce, g_reg), {}
+def task_grad(params, frozen: Frozen, x: Inputs, spec: StepSpec):
+  """(g_ce, aux): the cross-entropy gradient alone, one backward pass."""
+
+  def ce(p):
+    (loss, _), aux = forward(p, frozen, x, spec)
+    return loss, aux
+
+  return jax.grad(ce, has_aux=True)(params)
+
+
+# ---------------------------------------------------------------------------
+# Update rules
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdateRule:
+  """How the task and regularizer gradients become the prompts' update.
+
+  direction: f(g_ce, g_reg, gnet, meta) -> (direction, gammas), gammas the
+    learned gates per gradnet branch ({} without a gradnet).
+  uses_reg: False for a rule that never reads g_reg: it is then not
+    computed at all (one backward pass instead of a two-cotangent vjp) and
+    the rule gets None.
+  learns_gradnet: the rule's gate is a learned gradnet; only then does the
+    state hold one and the step have ProMetaR's bilevel meta part.
+  """
+
+  direction: Callable
+  uses_reg: bool = True
+  learns_gradnet: bool = False
+
+
+def _plain(g_ce, g_reg, gnet, meta):
+  del g_reg, gnet, meta
   return g_ce, {}
+
+
+def _fixed_reg(g_ce, g_reg, gnet, meta):
+  del gnet
+  return jax.tree.map(lambda a, b: a + meta.fixed_gamma * b, g_ce, g_reg), {}
+
+
+def _prometar(g_ce, g_reg, gnet, meta):
+  return gradnet_lib.modulate(gnet, g_ce, g_reg, meta.fixed_gamma)
+
+
+# A new rule is a function and an entry here; `config.meta.mode` names it.
+RULES: dict[str, UpdateRule] = {
+  "prometar": UpdateRule(_prometar, learns_gradnet=True),
+  "plain": UpdateRule(_plain, uses_reg=False),
+  "fixed_reg": UpdateRule(_fixed_reg),
+}
+
+
+def gradients(params, frozen: Frozen, x: Inputs, spec: StepSpec):
+  """(g_ce, g_reg, aux): the gradients the spec's rule reads (g_reg None
+  for a rule that does not)."""
+  if RULES[spec.meta.mode].uses_reg:
+    return task_and_reg_grads(params, frozen, x, spec)
+  g_ce, aux = task_grad(params, frozen, x, spec)
+  return g_ce, None, aux
+
+
+def combine(gnet, g_ce, g_reg, meta: MetaConfig):
+  """The update direction of `meta.mode`'s rule, and its gammas."""
+  return RULES[meta.mode].direction(g_ce, g_reg, gnet, meta)
 
 
 # ---------------------------------------------------------------------------
@@ -226,13 +324,11 @@ def combine(gnet, g_ce, g_reg, meta: MetaConfig):
 # ---------------------------------------------------------------------------
 
 
-def sample_task(key, labels, alpha: float, beta: float) -> dict:
+def sample_task(key, labels, alpha: float, beta: float) -> Task:
   """Query/support split, mixup weights and partners, all fixed-shape.
 
-  Returns {"query": [B] bool, "support": [B] bool, "lam": [B] float,
-  "partner": [B] int (a support index per sample), "valid": bool}. The query
-  class is uniform over the classes present (one candidate per class: its
-  first occurrence); partners are uniform over the support, with
+  The query class is uniform over the classes present (one candidate per
+  class: its first occurrence); partners are uniform over the support, with
   replacement. `valid` is False when the batch holds a single class.
   """
   k_q, k_lam, k_mix = jax.random.split(key, 3)
@@ -250,42 +346,50 @@ def sample_task(key, labels, alpha: float, beta: float) -> dict:
   )
   valid = jnp.any(support)
   partner = jnp.where(valid, partner, 0)
-  return {
-    "query": query,
-    "support": support,
-    "lam": lam,
-    "partner": partner.astype(jnp.int32),
-    "valid": valid,
-  }
+  return Task(
+    query=query,
+    support=support,
+    lam=lam,
+    partner=partner.astype(jnp.int32),
+    valid=valid,
+  )
 
 
-def query_loss(params, clip, feats, images, labels, task, spec: StepSpec):
+def query_loss(params, frozen: Frozen, x: Inputs, task: Task, spec: StepSpec):
   """Label-mixed CE of mixed unnormalized image features (the outer loss).
 
   One image forward over the whole batch serves both the query samples and
   their support partners; the loss averages over the query samples.
+  aux: {"ce"}, and the features and logits with
+  `spec.record_intermediates`.
   """
-  text, image = pl.encode(params, clip, feats["token_ids"], images, spec.prompt)
-  lam = task["lam"]
-  mixed = lam[:, None] * image + (1 - lam[:, None]) * image[task["partner"]]
-  t, v = clip_lib.normalize(text), clip_lib.normalize(mixed)
-  logits = losses.mask_classes(clip.logit_scale * v @ t.T, feats["class_mask"])
-  per_sample = losses.mixup_cross_entropy(
-    logits, labels, labels[task["partner"]], lam
+  clip, classes = frozen.clip, frozen.classes
+  text, image = pl.encode(
+    params, clip, classes["token_ids"], x.images, spec.prompt
   )
-  loss = losses.masked_mean(per_sample, task["query"])
-  aux = {
-    "text_features": t,
-    "image_features": v,
-    "text_features_unnormalized": text,
-    "image_features_unnormalized": image,
-    "logits": logits,
-    "ce": loss,
-  }
+  lam = task.lam
+  mixed = lam[:, None] * image + (1 - lam[:, None]) * image[task.partner]
+  t, v = clip_lib.normalize(text), clip_lib.normalize(mixed)
+  logits = losses.mask_classes(
+    clip.logit_scale * v @ t.T, classes["class_mask"]
+  )
+  per_sample = losses.mixup_cross_entropy(
+    logits, x.labels, x.labels[task.partner], lam
+  )
+  loss = losses.masked_mean(per_sample, task.query)
+  aux = {"ce": loss}
+  if spec.record_intermediates:
+    aux.update(
+      text_features=t,
+      image_features=v,
+      text_features_unnormalized=text,
+      image_features_unnormalized=image,
+      logits=logits,
+    )
   return loss, aux
 
 
-def support_slots(task) -> jax.Array:
+def support_slots(task: Task) -> jax.Array:
   """Indices of B - 1 samples that hold the whole support, support first.
 
   The query class has at least one sample, so the support never fills the
@@ -293,52 +397,60 @@ def support_slots(task) -> jax.Array:
   the rows that are not support masked out as before. Exact; it saves a
   quarter of the inner step's image work at the batch size of 4.
   """
-  support = task["support"]
+  support = task.support
   slots = max(support.shape[0] - 1, 1)
   return jnp.argsort(~support, stable=True)[:slots]
 
 
-def inner_adapt(theta, gnet, clip, feats, images, labels, v0, task, spec):
-  """theta_hat = theta - adapt_lr * (g_ce + gamma * g_reg) on the support."""
+def inner_adapt(theta, gnet, frozen: Frozen, x: Inputs, task: Task, spec):
+  """theta_hat = theta - adapt_lr * (the rule's direction on the support).
+
+  Returns (theta_hat, record): record is {} unless
+  `spec.record_intermediates`, then {"forward": the support forward's aux,
+  "slots", "grad_ce", "grad_reg", "gamma", "combined_grad"}.
+  """
   slots = support_slots(task)
-  g_ce, g_reg, aux = task_and_reg_grads(
-    theta,
-    clip,
-    feats,
-    images[slots],
-    labels[slots],
-    v0[slots],
-    task["support"][slots],
-    spec,
-  )
+  support = x.replace(rows=task.support).take(slots)
+  g_ce, g_reg, aux = gradients(theta, frozen, support, spec)
   if spec.meta.first_order:
     g_ce, g_reg = jax.lax.stop_gradient((g_ce, g_reg))
   direction, gammas = combine(gnet, g_ce, g_reg, spec.meta)
   adapted = jax.tree.map(
     lambda p, g: p - spec.meta.adapt_lr * g, theta, direction
   )
-  grads = {"grad_ce": g_ce, "grad_reg": g_reg, "gamma": gammas}
-  info = {"forward": aux, "slots": slots, **grads, "combined_grad": direction}
-  return adapted, info
+  record = {}
+  if spec.record_intermediates:
+    record = {
+      "forward": aux,
+      "slots": slots,
+      "grad_ce": g_ce,
+      "grad_reg": g_reg,
+      "gamma": gammas,
+      "combined_grad": direction,
+    }
+  return adapted, record
 
 
-def meta_loss(theta, gnet, clip, feats, images, labels, v0, task, spec):
-  """lr_ratio * L_query(theta_hat(theta, phi)), and intermediates."""
-  adapted, inner = inner_adapt(
-    theta, gnet, clip, feats, images, labels, v0, task, spec
-  )
-  loss, query = query_loss(adapted, clip, feats, images, labels, task, spec)
-  aux = {"inner": inner, "adapted": adapted, "query": query}
-  return spec.meta.lr_ratio * loss, aux
+def meta_loss(theta, gnet, frozen: Frozen, x: Inputs, task: Task, spec):
+  """(lr_ratio * L_query(theta_hat(theta, phi)), record).
+
+  record is {} unless `spec.record_intermediates`, then {"inner": see
+  `inner_adapt`, "adapted": theta_hat, "query": the query loss's aux}.
+  """
+  adapted, inner = inner_adapt(theta, gnet, frozen, x, task, spec)
+  loss, query = query_loss(adapted, frozen, x, task, spec)
+  record = {}
+  if spec.record_intermediates:
+    record = {"inner": inner, "adapted": adapted, "query": query}
+  return spec.meta.lr_ratio * loss, record
 
 
-def meta_gradients(theta, gnet, clip, feats, images, labels, v0, task, spec):
-  """(loss, aux, d loss / d theta, d loss / d phi), second order by nesting."""
+def meta_gradients(theta, gnet, frozen: Frozen, x: Inputs, task: Task, spec):
+  """(loss, record, d loss / d theta, d loss / d phi), second order by
+  nesting; record as in `meta_loss`."""
   grad_fn = jax.value_and_grad(meta_loss, argnums=(0, 1), has_aux=True)
-  (loss, aux), (g_theta, g_phi) = grad_fn(
-    theta, gnet, clip, feats, images, labels, v0, task, spec
-  )
-  return loss, aux, g_theta, g_phi
+  (loss, record), (g_theta, g_phi) = grad_fn(theta, gnet, frozen, x, task, spec)
+  return loss, record, g_theta, g_phi
 
 
 # ---------------------------------------------------------------------------
@@ -361,54 +473,46 @@ def _gamma_stats(gammas):
   }
 
 
+def _sgd_step(tx, grads, opt_state, params):
+  updates, opt_state = tx.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state
+
+
 def train_step(
   state: TrainState,
-  clip: clip_lib.CLIP,
-  feats: dict,
+  frozen: Frozen,
   batch: dict,
-  lr,
-  lr_gradnet,
+  *,
   spec: StepSpec,
-  task: dict | None = None,
+  task: Task | None = None,
 ):
   """One iteration; returns (new state, metrics).
 
   Args:
     state: the TrainState.
-    clip: the frozen CLIP (pytree; its params are never updated).
-    feats: class features, see `forward`.
+    frozen: the CLIP and the class features.
     batch: {"image": [B, H, W, 3], "label": [B] int}.
-    lr, lr_gradnet: this epoch's learning rates (traced scalars).
-    spec: static learner and meta settings.
-    task: optional injected task (see `sample_task`) to replay a reference;
+    spec: static learner, meta and optimizer settings (`make_train_step`
+      closes over it).
+    task: an injected task (see `sample_task`) to replay a reference;
       drawn from `fold_in(state.rng, state.step)` otherwise.
   """
   meta = spec.meta
+  rule = RULES[meta.mode]
   images, labels = batch["image"], batch["label"]
-  tx_p, tx_g = prompt_tx(meta), gradnet_tx(meta)
-  v0 = frozen_image_features(clip, images)
-  all_rows = jnp.ones(labels.shape, bool)
+  v0 = frozen_image_features(frozen.clip, images)
+  x = Inputs(images, labels, v0, jnp.ones(labels.shape, bool))
+  # Both prompt updates of an iteration run at the epoch's lr.
+  lr = spec.optim.learning_rate(state.steps_per_epoch)(state.step)
+  tx_p = spec.optim.sgd(lr)
   theta, opt_p = state.prompts, state.opt_prompts
-  metrics = {}
+  gnet, opt_g = state.gradnet, state.opt_gradnet
+  metrics = {"lr": lr}
 
-  if meta.mode != "prometar" or meta.plain_step:
-    if meta.mode == "plain":
-      # Cross-entropy only: one backward, no regularizer gradient at all.
-      def ce_only(p):
-        (ce, _), aux = forward(
-          p, clip, feats, images, labels, v0, all_rows, spec
-        )
-        return ce, aux
-
-      g_ce, aux = jax.grad(ce_only, has_aux=True)(theta)
-      direction, gammas = g_ce, {}
-    else:
-      g_ce, g_reg, aux = task_and_reg_grads(
-        theta, clip, feats, images, labels, v0, all_rows, spec
-      )
-      direction, gammas = combine(state.gradnet, g_ce, g_reg, meta)
-      metrics["grad_norm_reg"] = _tree_norm(g_reg)
-    theta, opt_p = sgd_update(tx_p, direction, opt_p, theta, lr)
+  if meta.plain_step or not rule.learns_gradnet:
+    g_ce, g_reg, aux = gradients(theta, frozen, x, spec)
+    direction, gammas = rule.direction(g_ce, g_reg, gnet, meta)
+    theta, opt_p = _sgd_step(tx_p, direction, opt_p, theta)
     metrics.update(
       loss_ce=aux["ce"],
       r_text=aux["r_text"],
@@ -416,8 +520,12 @@ def train_step(
       grad_norm_ce=_tree_norm(g_ce),
       **_gamma_stats(gammas),
     )
+    if g_reg is not None:
+      metrics["grad_norm_reg"] = _tree_norm(g_reg)
 
-  if meta.mode == "prometar":
+  if rule.learns_gradnet:
+    lr_g = spec.optim_gradnet.learning_rate(state.steps_per_epoch)(state.step)
+    tx_g = spec.optim_gradnet.sgd(lr_g)
     if task is None:
       key = jax.random.fold_in(state.rng, state.step)
       task = sample_task(key, labels, meta.mixup_alpha, meta.mixup_beta)
@@ -425,31 +533,30 @@ def train_step(
     def meta_update(operand):
       theta, opt_p, gnet, opt_g = operand
       loss, _, g_theta, g_phi = meta_gradients(
-        theta, gnet, clip, feats, images, labels, v0, task, spec
+        theta, gnet, frozen, x, task, spec
       )
-      theta, opt_p = sgd_update(tx_p, g_theta, opt_p, theta, lr)
-      gnet, opt_g = sgd_update(tx_g, g_phi, opt_g, gnet, lr_gradnet)
+      theta, opt_p = _sgd_step(tx_p, g_theta, opt_p, theta)
+      gnet, opt_g = _sgd_step(tx_g, g_phi, opt_g, gnet)
       stats = (loss, _tree_norm(g_theta), _tree_norm(g_phi))
       return (theta, opt_p, gnet, opt_g), tuple(
-        x.astype(jnp.float32) for x in stats
+        s.astype(jnp.float32) for s in stats
       )
 
     def skip(operand):
       zero = jnp.zeros((), jnp.float32)
       return operand, (zero, zero, zero)
 
-    operand = (theta, opt_p, state.gradnet, state.opt_gradnet)
+    operand = (theta, opt_p, gnet, opt_g)
     (theta, opt_p, gnet, opt_g), (loss, n_theta, n_phi) = jax.lax.cond(
-      task["valid"], meta_update, skip, operand
+      task.valid, meta_update, skip, operand
     )
     metrics.update(
+      lr_gradnet=lr_g,
       loss_meta=loss,
       grad_norm_meta=n_theta,
       grad_norm_gradnet=n_phi,
-      meta_valid=task["valid"].astype(jnp.float32),
+      meta_valid=task.valid.astype(jnp.float32),
     )
-  else:
-    gnet, opt_g = state.gradnet, state.opt_gradnet
 
   new_state = state.replace(
     step=state.step + 1,
@@ -462,6 +569,7 @@ def train_step(
 
 
 def make_train_step(spec: StepSpec, donate: bool = True):
-  """`train_step` jit-compiled for `spec` (the state buffers donated)."""
+  """`train_step` jit-compiled for `spec`: f(state, frozen, batch[, task])
+  (the state buffers donated)."""
   fn = functools.partial(train_step, spec=spec)
   return jax.jit(fn, donate_argnums=(0,) if donate else ())

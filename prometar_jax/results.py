@@ -8,7 +8,7 @@ paper's datasets only: a dataset given another name (`names`, from
 layout of a real dataset) is another task, shown under its own name and
 without paper columns.
 
-Averaging follows the paper (PAPER.md 11.1):
+Averaging follows the paper (docs/training.md, "Protocols"):
 
 * per dataset, Base and New are the means over seeds, and
   HM = 2 B N / (B + N) is computed from those means;
@@ -33,8 +33,9 @@ import numpy as np
 
 from prometar_jax import fileio
 
-# (B, N, HM) of ProMetaR (PAPER.md 12.1): every HM recomputes from its B and
-# N, and the 11 Bs and Ns average to the paper's 84.39 and 76.93.
+# (B, N, HM) of ProMetaR (docs/training.md, "The paper's numbers"): every
+# HM recomputes from its B and N, and the 11 Bs and Ns average to the
+# paper's 84.39 and 76.93.
 PAPER_BASE2NEW = {
   "imagenet": (77.76, 70.75, 74.09),
   "caltech101": (98.11, 94.29, 96.16),
@@ -50,8 +51,9 @@ PAPER_BASE2NEW = {
 }
 PAPER_BASE2NEW_AVERAGE = (84.39, 76.93, 80.49)
 
-# Domain generalization (PAPER.md 12.2): the ImageNet source accuracy is
-# confirmed by a third party, the four targets are recalled (marked "?").
+# Domain generalization (docs/training.md, "The paper's numbers"): the
+# ImageNet source accuracy is confirmed by a third party, the four targets
+# are recalled (marked "?").
 PAPER_DOMAIN_GENERALIZATION = {
   "imagenet": 71.29,
   "imagenetv2": 64.39,
@@ -59,8 +61,8 @@ PAPER_DOMAIN_GENERALIZATION = {
   "imagenet_a": 51.25,
   "imagenet_r": 77.89,
 }
-# Cross-dataset transfer (PAPER.md 12.3): a third-party listing gives six
-# cells; the other four are recalled (marked "?").
+# Cross-dataset transfer (same section): a third-party listing gives
+# ImageNet and six targets; the other four are recalled (marked "?").
 PAPER_CROSS_DATASET = {
   "imagenet": 71.29,
   "caltech101": 93.74,

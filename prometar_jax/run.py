@@ -38,6 +38,7 @@ from prometar_jax import (
   data,
   errors,
   evaluate,
+  features,
   fileio,
   guard,
   meta_step,
@@ -45,7 +46,6 @@ from prometar_jax import (
   protocol,
   results,
   schedules,
-  zeroshot,
 )
 from prometar_jax import prompt_learners as pl
 from prometar_jax import sharding as sharding_lib
@@ -65,65 +65,47 @@ TRAINING = "training.json"
 def _init_fn(spec: meta_step.StepSpec, mesh: Mesh):
   """Jitted state init: born replicated on every device of every process."""
 
-  def init(clip, seed):
+  def init(clip, seed, steps_per_epoch):
     k_prompts, k_state = jax.random.split(jax.random.key(seed))
     prompts = pl.init(k_prompts, clip, spec.prompt)
-    return meta_step.init_state(k_state, prompts, spec)
+    return meta_step.init_state(k_state, prompts, spec, steps_per_epoch)
 
   return jax.jit(init, out_shardings=sharding_lib.replicated(mesh))
 
 
 @functools.lru_cache(maxsize=8)
-def make_train_step(
+def sharded_train_step(
   spec: meta_step.StepSpec, mesh: Mesh, shard_classes: bool, batch_sharded
 ):
-  """The train step jitted over the mesh (cached across runs)."""
+  """f(state, frozen, batch): the train step jitted over the mesh (cached
+  across runs)."""
   repl = sharding_lib.replicated(mesh)
   cls = sharding_lib.class_sharding(mesh, shard_classes)
   rows = sharding_lib.along_data(mesh) if batch_sharded else repl
   return jax.jit(
     functools.partial(meta_step.train_step, spec=spec),
-    in_shardings=(repl, repl, cls, rows, repl, repl),
+    in_shardings=(repl, meta_step.Frozen(clip=repl, classes=cls), rows),
     out_shardings=(repl, repl),
     donate_argnums=(0,),
   )
 
 
-def class_features(
-  spec, clip, classnames, mesh, shard_classes, multiple=1, text_buckets=1
-) -> dict:
-  """Token ids, the 60-template teacher T0 and the mask, on the mesh.
-
-  With `text_buckets` > 1 the class prompts are grouped by length
-  (`prompt_learners.bucket_token_ids`, exact); not with class padding
-  (`multiple` > 1), whose point is one shape for every dataset.
-  """
-  ids = pl.class_token_ids(spec.prompt, clip, classnames)
-  teacher = np.asarray(zeroshot.teacher_text_features(clip, classnames))
-  feats = {
-    "token_ids": ids,
-    "teacher": teacher.astype(np.float32),
-    "class_mask": np.ones(len(ids), bool),
-  }
-  if text_buckets > 1 and multiple == 1:
-    feats["token_ids"] = pl.bucket_token_ids(ids, text_buckets)
-  return sharding_lib.put_class_features(feats, mesh, shard_classes, multiple)
-
-
 def step_spec(config) -> meta_step.StepSpec:
-  """The static learner + meta settings of the config (validated)."""
+  """The static learner, meta and optimizer settings of the config
+  (validated)."""
   try:
     prompt = pl.PromptConfig(**config.prompt)
-    meta = meta_step.MetaConfig(
-      **config.meta,
-      momentum=config.optim.momentum,
-      weight_decay=config.optim.weight_decay,
-      gradnet_momentum=config.optim_gradnet.momentum,
-      gradnet_weight_decay=config.optim_gradnet.weight_decay,
+    meta = meta_step.MetaConfig(**config.meta)
+    optim = schedules.Optimizer(**config.optim)
+    # The gradnet's cosine (paper behaviour) spans the run as well.
+    optim_gradnet = schedules.Optimizer(
+      **config.optim_gradnet, epochs=config.optim.epochs
     )
   except TypeError as e:  # an unknown field in an unlocked config
-    raise ValueError(f"invalid config.prompt / config.meta: {e}") from e
-  return meta_step.StepSpec(prompt, meta)
+    raise ValueError(
+      f"invalid config.prompt / config.meta / config.optim*: {e}"
+    ) from e
+  return meta_step.StepSpec(prompt, meta, optim, optim_gradnet)
 
 
 def method_label(spec: meta_step.StepSpec) -> str:
@@ -170,7 +152,7 @@ def _train(
   spe = pipeline.steps_per_epoch
   epochs = config.optim.epochs
   total = epochs * spe
-  state = _init_fn(spec, mesh)(clip, np.int32(seed))
+  state = _init_fn(spec, mesh)(clip, np.int32(seed), np.int32(spe))
   initial_norm = float(jax.device_get(guard.global_norm(state.prompts)))
   identity = {
     "seed": int(seed),
@@ -224,7 +206,7 @@ def _train(
       )
     return state, info
 
-  feats = class_features(
+  feats = features.class_features(
     spec,
     clip,
     split["classnames"],
@@ -233,16 +215,18 @@ def _train(
     config.data.class_multiple,
     config.data.text_buckets,
   )
-  step_fn = make_train_step(spec, mesh, shard_classes, layout.sharded)
+  frozen = meta_step.Frozen(clip, feats)
+  step_fn = sharded_train_step(spec, mesh, shard_classes, layout.sharded)
   logger = metrics.Logger(run_dir, total, start, desc, config.progress_bar)
   last_good = start if start else None
 
-  def check(step, lrs):
-    """The guard over everything since the last check; logs it."""
+  def check(step):
+    """The guard over everything since the last check; logs it (the lrs
+    are step metrics: the values the step used)."""
     fetched = logger.fetch()
     checks.check_metrics(fetched)
     ratio = checks.check_state(step, state)
-    logger.log(fetched, {**lrs, "prompt_norm_ratio": ratio})
+    logger.log(fetched, {"prompt_norm_ratio": ratio})
 
   def checkpoint_now(step):
     nonlocal last_good
@@ -258,24 +242,19 @@ def _train(
   every = config.checkpoint.every_steps
   try:
     for epoch in range(start // spe, epochs):
-      lr = schedules.epoch_lr(config.optim, epoch, epochs)
-      lr_g = schedules.epoch_lr(config.optim_gradnet, epoch, epochs)
-      lrs = {"lr": lr, "lr_gradnet": lr_g}
       first = start - epoch * spe if epoch == start // spe else 0
       step = epoch * spe + first
       for batch in pipeline.iterate_epoch(epoch, first):
         batch = data.to_global(batch, layout.sharding)
-        state, step_metrics = step_fn(
-          state, clip, feats, batch, np.float32(lr), np.float32(lr_g)
-        )
+        state, step_metrics = step_fn(state, frozen, batch)
         logger.add(step, step_metrics)
         step += 1
         at_save = every and step % every == 0 and step % spe
         if step % config.log_every == 0 or step % spe == 0 or at_save:
-          check(step, lrs)
+          check(step)
         if at_save:
           checkpoint_now(step)
-      check(step, lrs)
+      check(step)
       checkpoint_now(step)
   except errors.TrainingDiverged as e:
     kept = (

@@ -10,6 +10,7 @@ only here: the library itself never parses names.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -17,9 +18,10 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from prometar_jax import gradnet as gradnet_lib
-from prometar_jax import meta_step
+from prometar_jax import meta_step, schedules
 from prometar_jax import prompt_learners as pl
 from prometar_jax.models import clip as clip_lib
 
@@ -135,26 +137,41 @@ def _replay(npz_path, hf_dir, dtype):
     dim_rate=dim_rate,
     text_reg_weight=float(hp.get("rag_text_weight", 50.0)),
     image_reg_weight=float(hp.get("rag_image_weight", 20.0)),
-    momentum=float(hp.get("momentum", 0.9)),
-    weight_decay=float(hp.get("weight_decay", 5e-4)),
-    gradnet_momentum=float(hp.get("vnet_momentum", hp.get("momentum", 0.9))),
-    gradnet_weight_decay=float(
-      hp.get("vnet_weight_decay", hp.get("weight_decay", 5e-4))
+  )
+  momentum = float(hp.get("momentum", 0.9))
+  weight_decay = float(hp.get("weight_decay", 5e-4))
+  # One recorded step: each optimizer at its recorded lr.
+  spec = meta_step.StepSpec(
+    prompt_cfg,
+    meta_cfg,
+    optim=schedules.Optimizer(
+      lr=float(hp.get("prompt_lr", 0.0025)),
+      momentum=momentum,
+      weight_decay=weight_decay,
+      schedule="constant",
+    ),
+    optim_gradnet=schedules.Optimizer(
+      lr=float(hp.get("vnet_lr", 0.00025)),
+      momentum=float(hp.get("vnet_momentum", momentum)),
+      weight_decay=float(hp.get("vnet_weight_decay", weight_decay)),
+      schedule="constant",
     ),
   )
-  spec = meta_step.StepSpec(prompt_cfg, meta_cfg)
-  lr = float(hp.get("prompt_lr", 0.0025))
-  lr_gnet = float(hp.get("vnet_lr", 0.00025))
+  # The functions below also return what the npz recorded.
+  recording = dataclasses.replace(spec, record_intermediates=True)
 
   images = jnp.asarray(arrays["input/images"].transpose(0, 2, 3, 1))
   labels = jnp.asarray(arrays["input/labels"], jnp.int32)
   n_cls = arrays["input/tokenized_prompts"].shape[0]
   teacher = arrays["input/zs_fixed_embeddings"]
-  feats = {
-    "token_ids": jnp.asarray(arrays["input/tokenized_prompts"], jnp.int32),
-    "teacher": clip_lib.normalize(jnp.asarray(teacher)),
-    "class_mask": jnp.ones((n_cls,), bool),
-  }
+  frozen = meta_step.Frozen(
+    clip,
+    {
+      "token_ids": jnp.asarray(arrays["input/tokenized_prompts"], jnp.int32),
+      "teacher": clip_lib.normalize(jnp.asarray(teacher)),
+      "class_mask": jnp.ones((n_cls,), bool),
+    },
+  )
   b = labels.shape[0]
   q_ids = arrays["random/query_ids"]
   s_ids = arrays["random/support_ids"]
@@ -164,13 +181,13 @@ def _replay(npz_path, hf_dir, dtype):
   lam[q_ids] = arrays["random/lam"]
   partner = np.zeros(b, np.int32)
   partner[q_ids] = s_ids[arrays["random/mix_ids"]]
-  task = {
-    "query": jnp.asarray(query),
-    "support": jnp.asarray(~query),
-    "lam": jnp.asarray(lam),
-    "partner": jnp.asarray(partner),
-    "valid": jnp.asarray(len(s_ids) > 0),
-  }
+  task = meta_step.Task(
+    query=jnp.asarray(query),
+    support=jnp.asarray(~query),
+    lam=jnp.asarray(lam),
+    partner=jnp.asarray(partner),
+    valid=jnp.asarray(len(s_ids) > 0),
+  )
 
   out: dict[str, np.ndarray] = {}
 
@@ -211,30 +228,31 @@ def _replay(npz_path, hf_dir, dtype):
 
   # Stage 1: the modulated plain step on the whole batch.
   v0 = meta_step.frozen_image_features(clip, images)
-  all_rows = jnp.ones((b,), bool)
+  x = meta_step.Inputs(images, labels, v0, jnp.ones((b,), bool))
   g_ce, g_reg, fwd = jax.jit(
     meta_step.task_and_reg_grads, static_argnames="spec"
-  )(prompts, clip, feats, images, labels, v0, all_rows, spec)
+  )(prompts, frozen, x, recording)
   combined, _ = meta_step.combine(gnet, g_ce, g_reg, meta_cfg)
   put_forward("stage1", fwd, np.arange(b), np.arange(b))
   out["stage1/loss_ce"] = np.asarray(fwd["ce"])
   out["stage1/rag_text"] = np.asarray(fwd["r_text"])
   out["stage1/rag_image"] = np.asarray(fwd["r_image"])
   put_grads("stage1", g_ce, g_reg, gnet, combined)
-  state = meta_step.init_state(jax.random.key(0), prompts, spec)
-  state = state.replace(
-    gradnet=gnet, opt_gradnet=meta_step.gradnet_tx(meta_cfg).init(gnet)
+  state = meta_step.init_state(
+    jax.random.key(0), prompts, spec, steps_per_epoch=1
   )
-  theta1, opt1 = meta_step.sgd_update(
-    meta_step.prompt_tx(meta_cfg), combined, state.opt_prompts, prompts, lr
+  state = state.replace(gradnet=gnet, opt_gradnet=spec.optim_gradnet.init(gnet))
+  updates, opt1 = spec.optim.sgd(spec.optim.lr).update(
+    combined, state.opt_prompts, prompts
   )
+  theta1 = optax.apply_updates(prompts, updates)
   put_prompts("stage1/params_after_step", theta1)
   put_prompts("stage1/momentum_buffer", _momentum(opt1))
 
   # Inner, query and meta gradients, from the functions the step uses.
   loss, aux, g_theta, g_phi = jax.jit(
     meta_step.meta_gradients, static_argnames="spec"
-  )(theta1, gnet, clip, feats, images, labels, v0, task, spec)
+  )(theta1, gnet, frozen, x, task, recording)
   inner = aux["inner"]
   slots = list(np.asarray(inner["slots"]))
   put_forward("inner", inner["forward"], [slots.index(i) for i in s_ids], s_ids)
@@ -263,18 +281,9 @@ def _replay(npz_path, hf_dir, dtype):
   put_prompts("meta/grad", g_theta)
   put_gradnet("meta/grad_vnet", g_phi)
 
-  # after/*: the whole jitted step with the injected task.
-  step = jax.jit(meta_step.train_step, static_argnames=("spec",))
-  new, _ = step(
-    state,
-    clip,
-    feats,
-    {"image": images, "label": labels},
-    lr,
-    lr_gnet,
-    spec=spec,
-    task=task,
-  )
+  # after/*: the whole jitted training step with the injected task.
+  step = meta_step.make_train_step(spec, donate=False)
+  new, _ = step(state, frozen, {"image": images, "label": labels}, task=task)
   put_prompts("after", new.prompts)
   put_prompts("after/momentum_buffer", _momentum(new.opt_prompts))
   put_gradnet("after", new.gradnet)
@@ -283,7 +292,7 @@ def _replay(npz_path, hf_dir, dtype):
 
 
 def _momentum(opt_state):
-  """The SGD momentum buffer (optax trace) inside a `meta_step.sgd` state."""
+  """The SGD momentum buffer (optax trace) inside a `schedules.sgd` state."""
   for s in jax.tree.leaves(opt_state, is_leaf=lambda x: hasattr(x, "trace")):
     if hasattr(s, "trace"):
       return s.trace

@@ -106,10 +106,6 @@ def load_clip(config, mesh: Mesh) -> clip_lib.CLIP:
   return sharding_lib.put_replicated(clip, mesh)
 
 
-def run_dir_of(workdir: str, dataset: str, seed: int) -> str:
-  return os.path.join(workdir, dataset, f"seed{seed}")
-
-
 def _runs(config) -> list[tuple[str, int]]:
   return [(d, int(s)) for d in config.data.datasets for s in config.seeds]
 
@@ -164,7 +160,7 @@ def _run_identities(config, cache, clip, workdir) -> dict[str, dict]:
   out = {}
   for name, seed in _runs(config):
     split = cache.split(name, seed, train_subsample(config))
-    out[run_dir_of(workdir, name, seed)] = identity.run_identity(
+    out[workdir_lib.run_dir_of(workdir, name, seed)] = identity.run_identity(
       config,
       name,
       seed,
@@ -262,7 +258,7 @@ def train_and_evaluate(
           config,
           dataset,
           seed,
-          run_dir_of(workdir, dataset, seed) if workdir else None,
+          workdir_lib.run_dir_of(workdir, dataset, seed) if workdir else None,
           clip=clip,
           mesh=mesh,
           cache=cache,

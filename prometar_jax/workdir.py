@@ -10,6 +10,9 @@ and only says who held it last.
 On several processes (jax.distributed) process 0 holds the lock, and every
 process learns whether it got it (`on_main`), so that all stop together.
 Non-local workdirs (gs://) have no OS lock: a warning says so.
+
+A workdir holds one folder per run, `run_dir_of(workdir, dataset, seed)`
+(the layout is in train.py's docstring).
 """
 
 from __future__ import annotations
@@ -56,6 +59,11 @@ def on_main(fn: Callable[[], T], what: str) -> T | None:
   if err is not None:
     raise err
   return out
+
+
+def run_dir_of(workdir: str, dataset: str, seed: int) -> str:
+  """The folder of the (dataset, seed) run of a sweep in `workdir`."""
+  return os.path.join(workdir, dataset, f"seed{seed}")
 
 
 def check_is_folder(workdir: str) -> None:

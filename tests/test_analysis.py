@@ -43,8 +43,9 @@ def grads(params, clip, feats, pool, rows):
   """(g_ce, g_reg) of the training step on the masked rows of the pool."""
   spec = pool_setup()[2]
   v0 = meta_step.frozen_image_features(clip, pool["image"])
+  x = meta_step.Inputs(pool["image"], pool["label"], v0, rows)
   g, g_reg, _ = _task_and_reg_grads(
-    params, clip, feats, pool["image"], pool["label"], v0, rows, spec
+    params, meta_step.Frozen(clip, feats), x, spec
   )
   return g, g_reg
 

@@ -2,7 +2,11 @@
 
 import dataclasses
 import importlib
+import json
+import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 import train_testlib  # noqa: F401  (puts the repo root on sys.path)
@@ -10,7 +14,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from configs import common
-from prometar_jax import meta_step, train
+from prometar_jax import meta_step, schedules, train
 from prometar_jax import prompt_learners as pl
 
 CONFIGS = ("base2new", "domain_generalization", "cross_dataset", "variants")
@@ -55,14 +59,14 @@ def test_every_step_field_is_a_config_key():
   # No hidden defaults: each PromptConfig / MetaConfig field has a key.
   c = common.get_base_config()
   assert {f.name for f in dataclasses.fields(pl.PromptConfig)} == set(c.prompt)
-  from_optim = {
-    "momentum",
-    "weight_decay",
-    "gradnet_momentum",
-    "gradnet_weight_decay",
-  }
   meta_fields = {f.name for f in dataclasses.fields(meta_step.MetaConfig)}
-  assert meta_fields == set(c.meta) | from_optim
+  assert meta_fields == set(c.meta)
+  # The gradnet's schedule spans the run: its epochs are config.optim's.
+  optim_fields = {f.name for f in dataclasses.fields(schedules.Optimizer)}
+  assert optim_fields == set(c.optim) == set(c.optim_gradnet) | {"epochs"}
+  spec = train.step_spec(c)
+  assert spec.optim == schedules.Optimizer(**c.optim)
+  assert spec.optim_gradnet.epochs == c.optim.epochs
 
 
 def test_parse_arg_types_tuples_and_flags():
@@ -177,3 +181,48 @@ def test_check_config_rejects_bad_values():
   c.meta.mode = "maml"
   with pytest.raises(ValueError, match="mode"):
     train.check_config(c)
+
+
+ECHO_DRIVER = """
+import json
+def main(config, workdir, *, eval_only, archive_old_runs):
+  print(json.dumps([config.protocol, workdir, eval_only, archive_old_runs]))
+"""
+ECHO_CONFIG = """
+from configs import base2new
+def get_config(arg=None):
+  config = base2new.get_config(arg)
+  config.driver = "echo_driver:main"
+  return config
+"""
+
+
+def test_launch_calls_the_driver_a_config_names(tmp_path):
+  # launch.py has no case per config: a config may name the function that
+  # runs it ("module:function"; configs/demo.py does), else the training
+  # system runs it.
+  (tmp_path / "echo_driver.py").write_text(ECHO_DRIVER)
+  (tmp_path / "echo.py").write_text(ECHO_CONFIG)
+  paths = [str(tmp_path), str(train_testlib.REPO)]
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
+  cmd = [
+    sys.executable,
+    str(train_testlib.REPO / "launch.py"),
+    f"--config={tmp_path / 'echo.py'}",
+    f"--workdir={tmp_path / 'wd'}",
+  ]
+
+  def launch(*more):
+    return subprocess.run(
+      cmd + list(more), capture_output=True, text=True, env=env, timeout=300
+    )
+
+  proc = launch("--eval_only")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  last = proc.stdout.strip().splitlines()[-1]
+  assert json.loads(last) == ["base2new", str(tmp_path / "wd"), True, False]
+  proc = launch("--config.driver=echo_driver:absent")
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert "launch.py: ValueError: config.driver='echo_driver:absent'" in (
+    proc.stderr
+  )

@@ -165,7 +165,7 @@ def test_dataset_names():
 
 def test_eurosat_classnames_labels_counts(root):
   split = data.fewshot_split("eurosat", root, 0, 1, "all")
-  names = list(synthetic.EUROSAT_NAMES.values())[:7]
+  names = list(datasets.EUROSAT_NAMES.values())[:7]
   assert split["classnames"] == names
   assert [len(split[k]) for k in ("train", "val", "test")] == [42, 35, 21]
   path, label, name = split["train"][6]
@@ -180,7 +180,7 @@ def test_eurosat_classnames_labels_counts(root):
 @pytest.mark.parametrize("subsample", ["all", "base", "new"])
 def test_eurosat_base_new(root, subsample):
   split = data.fewshot_split("eurosat", root, 4, 1, subsample)
-  names = list(synthetic.EUROSAT_NAMES.values())[:7]
+  names = list(datasets.EUROSAT_NAMES.values())[:7]
   expected = {"all": names, "base": names[:4], "new": names[4:]}[subsample]
   assert split["classnames"] == expected
   n = len(expected)
@@ -273,7 +273,8 @@ def test_first_appearance_order(root):
 
 
 def test_random_sample_vectors():
-  # DATA.md 2.3 test vectors: the CPython stream the selection relies on.
+  # The CPython stream the selection relies on (docs/datasets.md,
+  # "Few-shot sampling").
   rng = random.Random(1)
   assert rng.sample(range(100), 16) == [
     17, 72, 97, 8, 32, 15, 63, 57, 60, 83, 48, 26, 12, 62, 3, 49

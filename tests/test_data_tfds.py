@@ -104,7 +104,7 @@ def test_catalog_eurosat_mock(tmp_path):
     split = tfds_catalog.catalog_split(
       "eurosat", 2, 1, "all", data_dir=str(tmp_path)
     )
-    assert set(split["classnames"]) <= set(synthetic.EUROSAT_NAMES.values())
+    assert set(split["classnames"]) <= set(datasets.EUROSAT_NAMES.values())
     assert all(r.startswith("eurosat/rgb:train:") for r, _, _ in split["train"])
     # 50/20/30 of the single catalog split, by record position.
     assert all(int(r.split(":")[-1]) < 30 for r, _, _ in split["train"])

@@ -7,6 +7,7 @@ the four methods of configs/demo.py for one epoch of two shots; it checks
 the combined table's arithmetic against the runs' summaries.
 """
 
+import importlib
 import json
 import os
 import subprocess
@@ -20,11 +21,12 @@ from conftest import fast_compilation
 from train_testlib import REPO
 
 from configs import demo as demo_config
+from demo import build, pretrain, run, world
+from demo import datasets as demo_datasets
+from demo import tokenizer as tokenizer_lib
 from prometar_jax import results
 from prometar_jax.data import datasets as coop_datasets
-from prometar_jax.demo import build, pretrain, run, world
-from prometar_jax.demo import datasets as demo_datasets
-from prometar_jax.demo import tokenizer as tokenizer_lib
+from prometar_jax.errors import RunMismatch
 from prometar_jax.models import clip as clip_lib
 
 # Small enough to compile fast; 3 layers so that depth-3 prompts fit.
@@ -205,16 +207,22 @@ def test_committed_tiny_clip_transfers_zero_shot():
 
 
 def test_default_config_is_the_whole_demo():
-  # launch.py runs demo.run_demo (every method, one table) when demo.sweep;
-  # one method asked for is trained alone.
+  # The whole demo names its driver (every method, one table), which
+  # launch.py calls; one method asked for is an ordinary config that the
+  # training system trains, and so is each method's config of the sweep.
   config = demo_config.get_config()
   assert config.demo.sweep and config.demo.methods == demo_config.METHODS
+  assert config.driver == "demo.run:run_and_print" == demo_config.DRIVER
+  module, function = config.driver.split(":")
+  assert getattr(importlib.import_module(module), function) is run.run_and_print
   one = demo_config.get_config("method=ivlp")
   assert not one.demo.sweep and one.demo.methods == ("ivlp",)
+  assert "driver" not in one
   assert one.prompt.kind == "ivlp" and one.meta.mode == "plain"
   # The recipe reaches every method (docs/demo.md).
   for m in demo_config.METHODS:
     c = demo_config.for_method(config, m)
+    assert "driver" not in c
     assert c.optim.lr == demo_config.LR
     assert c.optim.epochs == demo_config.EPOCHS
     assert tuple(c.data.crop_scale) == demo_config.CROP_SCALE
@@ -268,12 +276,21 @@ def test_demo_end_to_end_quick(micro_clip, tmp_path, fast_compile):
     again["table"] == json.loads(json.dumps(table))
     or again["table"]["rows"] == table["rows"]
   )
-  # Another configuration in the same workdir is refused, not mixed.
-  other = demo_config.get_config(f"quick,seeds=2,cache={cache}")
-  other.model.name = micro_clip[0]
-  other.demo.per_class = SMALL
-  with pytest.raises(ValueError, match="another configuration"):
-    run.run_demo(other, str(tmp_path / "wd"), progress=False)
+
+  # More seeds in the same workdir are welcome (seed 1's runs are reused);
+  # another configuration is refused before any work, naming the key.
+  def variant(seeds, lr=demo_config.LR):
+    c = demo_config.get_config(f"quick,seeds={seeds},cache={cache}")
+    c.model.name = micro_clip[0]
+    c.demo.per_class = SMALL
+    c.eval.batch_size = 32
+    c.optim.lr = lr
+    return c
+
+  for m, c in run.method_configs(variant("1,2")).items():
+    run._check_workdir(str(tmp_path / "wd" / m), c)
+  with pytest.raises(RunMismatch, match=r"optim\.lr: 0\.0025 \(saved\)"):
+    run.run_demo(variant("1", lr=0.001), str(tmp_path / "wd"), progress=False)
 
 
 def test_pretraining_is_deterministic(micro_clip, tmp_path):

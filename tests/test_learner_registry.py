@@ -9,7 +9,7 @@ import train_testlib  # noqa: F401  (puts the repo root on sys.path)
 from conftest import fast_compilation
 
 from configs import common
-from prometar_jax import meta_step, zeroshot
+from prometar_jax import meta_step, schedules, zeroshot
 from prometar_jax import prompt_learners as pl
 from prometar_jax import run as run_lib
 from prometar_jax.models import clip as clip_lib
@@ -66,14 +66,19 @@ def test_registered_learner_trains_one_prometar_step(
   prompt = pl.PromptConfig(**config.prompt)
   assert prompt.learner is shared_vision
   assert (prompt.n_ctx_vision, prompt.depth_vision) == (2, 2)
-  spec = meta_step.StepSpec(prompt, meta_step.MetaConfig(dim_rate=8))
+  lr = schedules.Optimizer(lr=0.01, schedule="constant")
+  spec = meta_step.StepSpec(
+    prompt, meta_step.MetaConfig(dim_rate=8), optim=lr, optim_gradnet=lr
+  )
   assert run_lib.method_label(spec) == "shared_vision + ProMetaR"
 
   prompts = pl.init(jax.random.key(0), clip, prompt)
   assert prompts["vision"].shape == (1, 2, 48)
   text, vision = pl.tower_prompts(prompts, prompt)
   assert text.shape == (1, 2, 32) and vision.shape == (2, 2, 48)
-  state = meta_step.init_state(jax.random.key(1), prompts, spec)
+  state = meta_step.init_state(
+    jax.random.key(1), prompts, spec, steps_per_epoch=1
+  )
   # The gradnet covers its prompt branches and nothing else.
   assert set(state.gradnet) == {"text", "vision"}
   assert state.gradnet["vision"]["w1"].shape[0] == 1  # one shared prompt
@@ -83,7 +88,7 @@ def test_registered_learner_trains_one_prometar_step(
     "a photo of a golden retriever."
   )
   teacher = zeroshot.teacher_text_features(clip, CLASSES)
-  feats = {
+  classes = {
     "token_ids": jnp.asarray(pl.class_token_ids(prompt, clip, CLASSES)),
     "teacher": jnp.asarray(teacher, jnp.float32),
     "class_mask": jnp.ones(len(CLASSES), bool),
@@ -95,7 +100,7 @@ def test_registered_learner_trains_one_prometar_step(
   }
   step = meta_step.make_train_step(spec, donate=False)
   with fast_compilation():
-    new, metrics = step(state, clip, feats, batch, 0.01, 0.01)
+    new, metrics = step(state, meta_step.Frozen(clip, classes), batch)
 
   assert float(metrics["meta_valid"]) == 1.0
   assert metrics["gamma_vision_mean"].shape == (1,)

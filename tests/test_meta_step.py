@@ -6,11 +6,13 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+import pytest
 import torch
 from reference_data import NPZ_PATH
 
 from prometar_jax import gradnet as gradnet_lib
-from prometar_jax import meta_step, testing
+from prometar_jax import meta_step, schedules, testing
 from prometar_jax import prompt_learners as pl
 from prometar_jax.models import clip as clip_lib
 
@@ -59,6 +61,10 @@ def class_feats(clip, rng, dtype=jnp.float32):
   }
 
 
+# Constant learning rates: the step's lr is tested on its own below.
+CONSTANT = schedules.Optimizer(lr=0.01, schedule="constant")
+
+
 def setup(dtype=jnp.float32, labels=(1, 3, 1, 4), first_order=False, seed=0):
   clip = tiny_clip(dtype, seed)
   rng = np.random.default_rng(seed)
@@ -67,12 +73,14 @@ def setup(dtype=jnp.float32, labels=(1, 3, 1, 4), first_order=False, seed=0):
     kind="ivlp", n_ctx_text=2, n_ctx_vision=3, depth_text=2, depth_vision=1
   )
   meta = meta_step.MetaConfig(first_order=first_order, dim_rate=8)
-  spec = meta_step.StepSpec(prompt_cfg, meta)
+  spec = meta_step.StepSpec(prompt_cfg, meta, CONSTANT, CONSTANT)
   prompts = {
     "text": jnp.asarray(rng.normal(0, 0.3, (2, 2, 32)), dtype),
     "vision": jnp.asarray(rng.normal(0, 0.3, (1, 3, 32)), dtype),
   }
-  state = meta_step.init_state(jax.random.key(seed), prompts, spec)
+  state = meta_step.init_state(
+    jax.random.key(seed), prompts, spec, steps_per_epoch=2
+  )
   # Big enough gradnet weights that gamma is far from 0.5 and matters.
   state = state.replace(
     gradnet=jax.tree.map(lambda w: jnp.asarray(w * 30, dtype), state.gradnet)
@@ -82,16 +90,25 @@ def setup(dtype=jnp.float32, labels=(1, 3, 1, 4), first_order=False, seed=0):
   return clip, feats, spec, state, batch
 
 
-def fixed_task(labels, query_class, lam, partner):
+def fixed_task(labels, query_class, lam, partner, dtype=jnp.float32):
   labels = np.asarray(labels)
   q = labels == query_class
-  return {
-    "query": jnp.asarray(q),
-    "support": jnp.asarray(~q),
-    "lam": jnp.asarray(lam, jnp.float32),
-    "partner": jnp.asarray(partner, jnp.int32),
-    "valid": jnp.asarray(bool((~q).any())),
-  }
+  return meta_step.Task(
+    query=jnp.asarray(q),
+    support=jnp.asarray(~q),
+    lam=jnp.asarray(lam, dtype),
+    partner=jnp.asarray(partner, jnp.int32),
+    valid=jnp.asarray(bool((~q).any())),
+  )
+
+
+def inputs(clip, batch, rows=None):
+  """`meta_step.Inputs` of a batch (all rows unless `rows`)."""
+  images, labels = batch["image"], batch["label"]
+  v0 = meta_step.frozen_image_features(clip, images)
+  if rows is None:
+    rows = jnp.ones(labels.shape, bool)
+  return meta_step.Inputs(images, labels, v0, jnp.asarray(rows))
 
 
 # ---------------------------------------------------------------------------
@@ -132,10 +149,11 @@ def test_meta_gradient_matches_finite_differences_float64():
     spec = dataclasses.replace(
       spec, meta=dataclasses.replace(spec.meta, adapt_lr=0.5, lr_ratio=1.0)
     )
-    task = fixed_task(batch["label"], 1, [0.3, 0, 0.8, 0], [3, 0, 1, 0])
-    task["lam"] = task["lam"].astype(jnp.float64)
-    v0 = meta_step.frozen_image_features(clip, batch["image"])
-    args = (clip, feats, batch["image"], batch["label"], v0, task, spec)
+    task = fixed_task(
+      batch["label"], 1, [0.3, 0, 0.8, 0], [3, 0, 1, 0], jnp.float64
+    )
+    frozen = meta_step.Frozen(clip, feats)
+    args = (frozen, inputs(clip, batch), task, spec)
 
     @jax.jit
     def loss(theta, gnet):
@@ -175,21 +193,14 @@ def test_meta_gradient_matches_finite_differences_float64():
 def test_first_order_equals_explicit_stop_gradient():
   clip, feats, spec, state, batch = setup(first_order=True)
   task = fixed_task(batch["label"], 3, [0, 0.6, 0, 0], [0, 0, 0, 0])
-  v0 = meta_step.frozen_image_features(clip, batch["image"])
+  frozen = meta_step.Frozen(clip, feats)
+  x = inputs(clip, batch)
   theta, gnet = state.prompts, state.gradnet
-  args = (clip, feats, batch["image"], batch["label"], v0, task, spec)
-  _, _, g_theta, g_phi = meta_gradients(theta, gnet, *args)
+  _, _, g_theta, g_phi = meta_gradients(theta, gnet, frozen, x, task, spec)
 
   # Explicit: the inner gradients are constants computed beforehand.
   g_ce, g_reg, _ = task_and_reg_grads(
-    theta,
-    clip,
-    feats,
-    batch["image"],
-    batch["label"],
-    v0,
-    task["support"],
-    spec,
+    theta, frozen, x.replace(rows=task.support), spec
   )
 
   def explicit(theta, gnet):
@@ -198,9 +209,7 @@ def test_first_order_equals_explicit_stop_gradient():
       k: theta[k] - spec.meta.adapt_lr * (g_ce[k] + gam[k] * g_reg[k])
       for k in theta
     }
-    loss, _ = meta_step.query_loss(
-      adapted, clip, feats, batch["image"], batch["label"], task, spec
-    )
+    loss, _ = meta_step.query_loss(adapted, frozen, x, task, spec)
     return spec.meta.lr_ratio * loss
 
   e_theta, e_phi = jax.jit(jax.grad(explicit, argnums=(0, 1)))(theta, gnet)
@@ -217,36 +226,27 @@ def test_masked_computation_equals_slicing():
   clip, feats, spec, state, batch = setup(labels=(0, 2, 2, 4, 1, 2))
   images, labels = batch["image"], batch["label"]
   theta = state.prompts
-  v0 = meta_step.frozen_image_features(clip, images)
+  frozen = meta_step.Frozen(clip, feats)
   support = np.array([True, False, False, True, True, False])
   idx = np.flatnonzero(support)
-  (ce_m, reg_m), _ = meta_step.forward(
-    theta, clip, feats, images, labels, v0, jnp.asarray(support), spec
-  )
-  (ce_s, reg_s), _ = meta_step.forward(
-    theta,
-    clip,
-    feats,
-    images[idx],
-    labels[idx],
-    v0[idx],
-    jnp.ones(len(idx), bool),
-    spec,
-  )
+  x = inputs(clip, batch, support)
+  (ce_m, reg_m), _ = meta_step.forward(theta, frozen, x, spec)
+  sliced = x.take(idx).replace(rows=jnp.ones(len(idx), bool))
+  (ce_s, reg_s), _ = meta_step.forward(theta, frozen, sliced, spec)
   np.testing.assert_allclose(ce_m, ce_s, rtol=1e-6)
   np.testing.assert_allclose(reg_m, reg_s, rtol=1e-6)
   # Query loss: the official way, with explicit query / support tensors.
   query = ~support
   lam = np.array([0.0, 0.7, 0.2, 0.0, 0.0, 0.9], np.float32)
   partner = np.array([0, 4, 0, 0, 0, 3])
-  task = {
-    "query": jnp.asarray(query),
-    "support": jnp.asarray(support),
-    "lam": jnp.asarray(lam),
-    "partner": jnp.asarray(partner),
-    "valid": jnp.asarray(True),
-  }
-  got, _ = meta_step.query_loss(theta, clip, feats, images, labels, task, spec)
+  task = meta_step.Task(
+    query=jnp.asarray(query),
+    support=jnp.asarray(support),
+    lam=jnp.asarray(lam),
+    partner=jnp.asarray(partner),
+    valid=jnp.asarray(True),
+  )
+  got, _ = meta_step.query_loss(theta, frozen, x, task, spec)
   q_ids = np.flatnonzero(query)
   text, img_q = pl.encode(
     theta, clip, feats["token_ids"], images[q_ids], spec.prompt
@@ -277,43 +277,70 @@ def test_masked_computation_equals_slicing():
 # ---------------------------------------------------------------------------
 
 
-def test_single_class_batch_skips_meta_part():
+def sgd_by_hand(optim, lr, grads, opt_state, params):
+  updates, opt_state = optim.sgd(lr).update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state
+
+
+def assert_trees_close(a, b, rtol=1e-6, atol=1e-7):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_allclose(x, y, rtol=rtol, atol=atol)
+
+
+def test_step_by_hand_at_the_epochs_learning_rates():
+  """Stage 1, the skipped and the run meta part, each optimizer at its
+  schedule's lr of the state's epoch (both prompt updates at the same)."""
   clip, feats, spec, state, batch = setup(labels=(2, 2, 2, 2))
+  spec = dataclasses.replace(
+    spec,
+    optim=schedules.Optimizer(lr=0.01, warmup_lr=1e-3, epochs=4),
+    optim_gradnet=schedules.Optimizer(lr=0.02, warmup_lr=2e-3, epochs=4),
+  )
+  # Step 5 at 2 steps an epoch: epoch 2 of 4, the cosine's second value
+  # 0.01 * (1 + cos(pi / 4)) / 2 (and twice that for the gradnet).
+  state = state.replace(step=jnp.asarray(5, jnp.int32))
+  lr = np.float32(schedules.warmup_cosine(2, 0.01, 4, 1, 1e-3))
+  lr_g = np.float32(schedules.warmup_cosine(2, 0.02, 4, 1, 2e-3))
+  assert lr == pytest.approx(0.0085355, rel=1e-5)
+  frozen = meta_step.Frozen(clip, feats)
   step = meta_step.make_train_step(spec, donate=False)
-  new, metrics = step(state, clip, feats, batch, 0.01, 0.01)
+  new, metrics = step(state, frozen, batch)
   assert float(metrics["meta_valid"]) == 0.0
   assert float(metrics["loss_meta"]) == 0.0
+  assert (metrics["lr"], metrics["lr_gradnet"]) == (lr, lr_g)
+  assert int(new.step) == 6
   for a, b in zip(jax.tree.leaves(new.gradnet), jax.tree.leaves(state.gradnet)):
     np.testing.assert_array_equal(a, b)
-  # The prompts took exactly the stage-1 step.
-  plain = dataclasses.replace(
-    spec, meta=dataclasses.replace(spec.meta, mode="prometar")
-  )
-  v0 = meta_step.frozen_image_features(clip, batch["image"])
-  g_ce, g_reg, _ = task_and_reg_grads(
-    state.prompts,
-    clip,
-    feats,
-    batch["image"],
-    batch["label"],
-    v0,
-    jnp.ones(4, bool),
-    plain,
-  )
-  direction, _ = meta_step.combine(state.gradnet, g_ce, g_reg, plain.meta)
-  want, _ = meta_step.sgd_update(
-    meta_step.prompt_tx(plain.meta),
-    direction,
-    state.opt_prompts,
-    state.prompts,
-    0.01,
-  )
-  for a, b in zip(jax.tree.leaves(new.prompts), jax.tree.leaves(want)):
-    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
-  # Two classes: the meta part runs and moves the gradnet.
+
+  def stage1(batch):
+    g_ce, g_reg, _ = task_and_reg_grads(
+      state.prompts, frozen, inputs(clip, batch), spec
+    )
+    direction, _ = meta_step.combine(state.gradnet, g_ce, g_reg, spec.meta)
+    return sgd_by_hand(
+      spec.optim, lr, direction, state.opt_prompts, state.prompts
+    )
+
+  # A single class: the prompts took exactly the stage-1 step.
+  assert_trees_close(new.prompts, stage1(batch)[0])
+
+  # Two classes: the meta part runs, at the same lr, and moves the gradnet.
   batch2 = dict(batch, label=jnp.asarray([2, 2, 0, 2], jnp.int32))
-  new2, metrics2 = step(state, clip, feats, batch2, 0.01, 0.01)
+  new2, metrics2 = step(state, frozen, batch2)
   assert float(metrics2["meta_valid"]) == 1.0
+  theta1, opt1 = stage1(batch2)
+  key = jax.random.fold_in(state.rng, state.step)
+  task = meta_step.sample_task(key, batch2["label"], 0.5, 0.5)
+  _, _, g_theta, g_phi = meta_gradients(
+    theta1, state.gradnet, frozen, inputs(clip, batch2), task, spec
+  )
+  want_theta, want_opt = sgd_by_hand(spec.optim, lr, g_theta, opt1, theta1)
+  want_gnet, _ = sgd_by_hand(
+    spec.optim_gradnet, lr_g, g_phi, state.opt_gradnet, state.gradnet
+  )
+  assert_trees_close(new2.prompts, want_theta, rtol=1e-5)
+  assert_trees_close(new2.opt_prompts, want_opt, rtol=1e-5, atol=1e-6)
+  assert_trees_close(new2.gradnet, want_gnet, rtol=1e-5)
   moved = [
     float(jnp.abs(a - b).max())
     for a, b in zip(
@@ -339,9 +366,8 @@ def test_step_with_class_prompts_in_length_groups_equals_one_group():
     step = meta_step.make_train_step(spec, donate=False)
 
     def run(token_ids):
-      return step(
-        state, clip, dict(feats, token_ids=token_ids), batch, 0.01, 0.01
-      )
+      frozen = meta_step.Frozen(clip, dict(feats, token_ids=token_ids))
+      return step(state, frozen, batch)
 
     want, m_want = run(jnp.asarray(ids))
     got, m_got = run(grouped)
@@ -357,8 +383,10 @@ def test_step_with_class_prompts_in_length_groups_equals_one_group():
     assert abs(float(m_wrong["loss_ce"]) - float(m_want["loss_ce"])) > 1e-3
 
 
-def test_step_compiles_once_for_every_label_pattern():
+def test_step_compiles_once_for_every_label_pattern_and_epoch():
   clip, feats, spec, state, batch = setup()
+  spec = dataclasses.replace(spec, optim=schedules.Optimizer(epochs=3))
+  frozen = meta_step.Frozen(clip, feats)
   traces = []
 
   def counted(*args, **kw):
@@ -366,11 +394,15 @@ def test_step_compiles_once_for_every_label_pattern():
     return meta_step.train_step(*args, **kw)
 
   step = jax.jit(functools.partial(counted, spec=spec))
+  lrs = []
   for labels in ([1, 3, 1, 4], [2, 2, 2, 2], [0, 1, 2, 3], [4, 4, 0, 0]):
     b = dict(batch, label=jnp.asarray(labels, jnp.int32))
-    state, metrics = step(state, clip, feats, b, 0.002, 1e-6)
+    state, metrics = step(state, frozen, b)
     assert np.isfinite(float(metrics["loss_ce"]))
+    lrs.append(float(metrics["lr"]))
   assert len(traces) == 1
+  # 2 steps an epoch: the warm-up epoch, then the cosine's first value.
+  assert lrs == [np.float32(x) for x in (1e-5, 1e-5, 0.0025, 0.0025)]
 
 
 def test_sample_task_rules():
@@ -378,15 +410,15 @@ def test_sample_task_rules():
   seen = set()
   for i in range(60):
     t = meta_step.sample_task(jax.random.key(i), labels, 0.5, 0.5)
-    q = np.asarray(t["query"])
+    q = np.asarray(t.query)
     cls = set(np.asarray(labels)[q].tolist())
     assert len(cls) == 1 and (np.asarray(labels)[~q] != cls.pop()).all()
     seen.add(int(np.asarray(labels)[q][0]))
-    support = np.asarray(t["support"])
-    assert support[np.asarray(t["partner"])[q]].all()
-    lam = np.asarray(t["lam"])
+    support = np.asarray(t.support)
+    assert support[np.asarray(t.partner)[q]].all()
+    lam = np.asarray(t.lam)
     assert ((lam > 0) & (lam < 1)).all()
-    assert bool(t["valid"])
+    assert bool(t.valid)
     # The inner step's B - 1 slots hold the whole support, support first.
     slots = np.asarray(meta_step.support_slots(t))
     assert len(slots) == len(set(slots.tolist())) == 5
@@ -396,7 +428,32 @@ def test_sample_task_rules():
   single = meta_step.sample_task(
     jax.random.key(0), jnp.asarray([2, 2]), 0.5, 0.5
   )
-  assert not bool(single["valid"])
+  assert not bool(single.valid)
+
+
+def test_plain_rule_takes_one_backward_pass_and_no_gradnet():
+  clip, feats, spec, prometar, batch = setup()
+  plain = dataclasses.replace(
+    spec, meta=dataclasses.replace(spec.meta, mode="plain")
+  )
+  assert not meta_step.RULES["plain"].uses_reg
+  state = meta_step.init_state(jax.random.key(0), prometar.prompts, plain, 2)
+  assert state.gradnet == {}
+  frozen = meta_step.Frozen(clip, feats)
+  x = inputs(clip, batch)
+  g_ce, g_reg, _ = meta_step.gradients(state.prompts, frozen, x, plain)
+  assert g_reg is None
+  want, _, _ = task_and_reg_grads(state.prompts, frozen, x, spec)
+  assert_trees_close(g_ce, want, rtol=1e-4, atol=1e-5)  # float32, eager
+  _, metrics = meta_step.make_train_step(plain, donate=False)(
+    state, frozen, batch
+  )
+  assert "grad_norm_reg" not in metrics and "loss_meta" not in metrics
+
+
+# ---------------------------------------------------------------------------
+# Optimizers and learning rates
+# ---------------------------------------------------------------------------
 
 
 def test_sgd_equals_torch_sgd():
@@ -405,13 +462,59 @@ def test_sgd_equals_torch_sgd():
   grads = [rng.normal(size=(3, 4)).astype(np.float32) for _ in range(3)]
   tp = torch.nn.Parameter(torch.from_numpy(p0.copy()))
   opt = torch.optim.SGD([tp], lr=0.1, momentum=0.9, weight_decay=5e-4)
-  tx = meta_step.sgd(0.9, 5e-4)
+  tx = schedules.sgd(0.1, 0.9, 5e-4)
   p, state = jnp.asarray(p0), tx.init(jnp.asarray(p0))
   for g in grads:
     tp.grad = torch.from_numpy(g)
     opt.step()
-    p, state = meta_step.sgd_update(tx, jnp.asarray(g), state, p, 0.1)
+    updates, state = tx.update(jnp.asarray(g), state, p)
+    p = optax.apply_updates(p, updates)
   np.testing.assert_allclose(p, tp.detach().numpy(), rtol=1e-6, atol=1e-7)
+
+
+def test_schedule_equals_torch_sgd_with_dassl_epoch_lrs():
+  """The schedule as a plain optax schedule (one update per step) against
+  torch SGD whose lr is set at each epoch start, as Dassl's scheduler does."""
+  optim = schedules.Optimizer(lr=0.1, warmup_lr=0.01, epochs=3)
+  spe = 2
+  rng = np.random.default_rng(1)
+  p0 = rng.normal(size=(5,)).astype(np.float32)
+  tp = torch.nn.Parameter(torch.from_numpy(p0.copy()))
+  opt = torch.optim.SGD([tp], lr=0.0, momentum=0.9, weight_decay=5e-4)
+  tx = optim.sgd(optim.learning_rate(spe))
+  p, state = jnp.asarray(p0), tx.init(jnp.asarray(p0))
+  for epoch in range(3):
+    for group in opt.param_groups:
+      group["lr"] = schedules.warmup_cosine(epoch, 0.1, 3, 1, 0.01)
+    for _ in range(spe):
+      g = rng.normal(size=(5,)).astype(np.float32)
+      tp.grad = torch.from_numpy(g)
+      opt.step()
+      updates, state = tx.update(jnp.asarray(g), state, p)
+      p = optax.apply_updates(p, updates)
+  np.testing.assert_allclose(p, tp.detach().numpy(), rtol=1e-6, atol=1e-7)
+
+
+def test_learning_rate_per_step_is_dassls_per_epoch_value():
+  """Released ProMetaR over 3 epochs of 3 steps: Dassl's values, exactly
+  the float32 of the double-precision formula."""
+  optim = schedules.Optimizer()  # lr 0.0025, 1 warm-up epoch at 1e-5
+  schedule = jax.jit(optim.learning_rate(jnp.int32(3)))
+  got = [schedule(jnp.int32(s)) for s in range(9)]
+  per_epoch = [1e-5, 2.5e-3, 2.4388e-3]
+  np.testing.assert_allclose(got, np.repeat(per_epoch, 3), rtol=2e-4)
+  exact = [
+    np.float32(schedules.warmup_cosine(s // 3, 0.0025, 10, 1, 1e-5))
+    for s in range(9)
+  ]
+  assert [np.float32(x) for x in got] == exact
+  # Past the run's last epoch the lr stays at the last epoch's value.
+  last = np.float32(schedules.warmup_cosine(9, 0.0025, 10, 1, 1e-5))
+  assert schedule(jnp.int32(10 * 3)) == last == pytest.approx(2.387e-4, 1e-3)
+  # The released gradnet: its scheduler is never stepped.
+  gradnet = meta_step.StepSpec(pl.PromptConfig(), meta_step.MetaConfig())
+  stuck = gradnet.optim_gradnet.learning_rate(3)
+  assert {float(stuck(s)) for s in range(30)} == {float(np.float32(1e-6))}
 
 
 # ---------------------------------------------------------------------------
@@ -456,25 +559,22 @@ def test_gradnet_size_and_shapes_for_vit_b16():
   spec = meta_step.StepSpec(pl.PromptConfig(), meta_step.MetaConfig())
   prompts = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in shapes.items()}
   state = jax.eval_shape(
-    lambda p: meta_step.init_state(jax.random.key(0), p, spec), prompts
+    lambda p: meta_step.init_state(jax.random.key(0), p, spec, 100), prompts
   )
-  feats = {
-    "token_ids": jax.ShapeDtypeStruct((10, 77), jnp.int32),
-    "teacher": jax.ShapeDtypeStruct((10, 512), jnp.float32),
-    "class_mask": jax.ShapeDtypeStruct((10,), bool),
-  }
+  frozen = meta_step.Frozen(
+    clip,
+    {
+      "token_ids": jax.ShapeDtypeStruct((10, 77), jnp.int32),
+      "teacher": jax.ShapeDtypeStruct((10, 512), jnp.float32),
+      "class_mask": jax.ShapeDtypeStruct((10,), bool),
+    },
+  )
   batch = {
     "image": jax.ShapeDtypeStruct((4, 224, 224, 3), jnp.float32),
     "label": jax.ShapeDtypeStruct((4,), jnp.int32),
   }
   new, metrics = jax.eval_shape(
-    functools.partial(meta_step.train_step, spec=spec),
-    state,
-    clip,
-    feats,
-    batch,
-    0.0025,
-    1e-6,
+    functools.partial(meta_step.train_step, spec=spec), state, frozen, batch
   )
   assert new.prompts["vision"].shape == (9, 4, 768)
   assert metrics["gamma_text_mean"].shape == (9,)

@@ -32,7 +32,7 @@ import json, sys
 sys.path.insert(0, {tests!r})
 import jax, numpy as np
 import train_testlib
-from prometar_jax import data, sharding, train
+from prometar_jax import data, features, meta_step, sharding, train
 from prometar_jax import run as run_lib
 assets, extra = json.loads(sys.argv[1]), json.loads(sys.argv[2])
 out = sys.argv[3]
@@ -46,16 +46,16 @@ mesh = sharding.make_mesh(-1)
 spec = train.check_config(config)
 clip = train.load_clip(config, mesh)
 split = data.fewshot_split("eurosat", assets["data"], 4, 1, "base")
-feats = run_lib.class_features(spec, clip, split["classnames"], mesh, True)
-state = run_lib._init_fn(spec, mesh)(clip, np.int32(1))
+feats = features.class_features(spec, clip, split["classnames"], mesh, True)
+state = run_lib._init_fn(spec, mesh)(clip, np.int32(1), np.int32(3))
 layout = sharding.batch_layout(4, mesh)
 batch = {{
   "image": np.zeros((4, 32, 32, 3), np.float32),
   "label": np.arange(4, dtype=np.int32) % 3,
 }}
 batch = {{k: jax.device_put(v, layout.sharding) for k, v in batch.items()}}
-step = run_lib.make_train_step(spec, mesh, True, layout.sharded)
-hlo = step.lower(state, clip, feats, batch, np.float32(0), np.float32(0))
+step = run_lib.sharded_train_step(spec, mesh, True, layout.sharded)
+hlo = step.lower(state, meta_step.Frozen(clip, feats), batch)
 hlo = hlo.compile().as_text()
 c, length = feats["token_ids"].shape
 width = clip.config.text.width

@@ -271,6 +271,7 @@ def test_guard_bounds_by_hand():
   g = guard.Guard(guard.Bounds(100.0, 1e4), initial_norm=2.0, where=where)
   state = run_lib.meta_step.TrainState(
     step=np.int32(0),
+    steps_per_epoch=np.int32(3),
     prompts={"text": np.full((2, 2), 100.0, np.float32)},  # norm 200
     gradnet={},
     opt_prompts={},
@@ -308,7 +309,7 @@ def test_finite_blow_up_stops_and_keeps_a_sane_checkpoint(assets, tmp_path):
   spec = train.check_config(config)
   mesh = sharding.make_mesh(1)
   clip = train.load_clip(config, mesh)
-  init = run_lib._init_fn(spec, mesh)(clip, np.int32(1))
+  init = run_lib._init_fn(spec, mesh)(clip, np.int32(1), np.int32(3))
   ckpt = checkpoint.Checkpointer(str(run_dir / "checkpoints"))
   state, meta = ckpt.restore(init)
   ckpt.close()

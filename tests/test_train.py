@@ -19,7 +19,7 @@ import train_testlib as tl
 from conftest import fast_compilation
 
 from configs import common, domain_generalization
-from prometar_jax import checkpoint, results, schedules, sharding, train
+from prometar_jax import checkpoint, results, sharding, train
 from prometar_jax import prompt_learners as pl
 from prometar_jax import workdir as workdir_lib
 from prometar_jax.data import synthetic
@@ -245,14 +245,14 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(e2e, assets, tmp_path):
 
 
 def test_epoch_lrs_match_dassl():
-  optim = common.get_base_config().optim
-  lrs = [schedules.epoch_lr(optim, e, 10) for e in range(10)]
-  # DATA.md 3.5 (constant warm-up, then cosine restarted after it).
+  spec = train.step_spec(common.get_base_config())
+  lrs = [spec.optim.epoch_lr(e) for e in range(10)]
+  # Constant warm-up, then the cosine restarted after it (docs/training.md,
+  # "Learning-rate schedule").
   expected = [1e-5, 2.5e-3, 2.4388e-3, 2.2613e-3, 1.9847e-3, 1.6363e-3]
   expected += [1.25e-3, 8.637e-4, 5.153e-4, 2.387e-4]
   np.testing.assert_allclose(lrs, expected, rtol=2e-4)
-  gradnet = common.get_base_config().optim_gradnet
-  assert {schedules.epoch_lr(gradnet, e, 10) for e in range(10)} == {1e-6}
+  assert {spec.optim_gradnet.epoch_lr(e) for e in range(10)} == {1e-6}
 
 
 def test_pad_classes_masks_padding():

@@ -1,4 +1,4 @@
-"""Gradient-alignment analysis of ProMetaR (PAPER.md 10).
+"""Gradient-alignment analysis of ProMetaR (docs/method.md).
 
 Pure functions over the training pytrees (prompts, gradnet, frozen CLIP,
 class features); see `measures.py` for the measures and `runs.py` for

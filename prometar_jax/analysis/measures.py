@@ -1,15 +1,17 @@
 """Gradient alignment of prompt updates with held-out-class gradients.
 
-The first-order view of ProMetaR (PAPER.md 10.1): with the training-side
-update u = g + M^phi(g_reg; g) and theta_hat = theta - a * u,
+The first-order view of ProMetaR (docs/method.md, "Gradient alignment"):
+with the training-side update u = g + M^phi(g_reg; g) and
+theta_hat = theta - a * u,
 
   L_val(theta_hat) - L_val(theta) = -a * <grad L_val(theta), u> + O(a^2),
 
 so the meta objective rewards updates that point along the gradient of
 classes the update never saw. This module measures that on a fixed pool of
-labelled images (PAPER.md 10.3): many random class-disjoint splits of the
-pool into a support set (training side) and one held-out query class, and
-for each split the cosines between the query gradient and
+labelled images (docs/method.md, "How it is measured"): many random
+class-disjoint splits of the pool into a support set (training side) and
+one held-out query class, and for each split the cosines between the query
+gradient and
 
   "task"          g      = grad CE(support)
   "reg"           g_reg  = grad (R_text + R_image(support))
@@ -110,9 +112,9 @@ def sample_split(key, labels, support_size: int | None = None) -> dict:
   """A class-disjoint split of a pool as boolean masks (fixed shapes).
 
   The query class is drawn uniformly among the classes present, as the
-  training step draws it (`meta_step.sample_task`, PAPER.md 7); the query
-  is every pool sample of that class and the support the others, or
-  `support_size` of them drawn without replacement.
+  training step draws it (`meta_step.sample_task`; docs/official_code.md,
+  "Virtual tasks"); the query is every pool sample of that class and the
+  support the others, or `support_size` of them drawn without replacement.
 
   Args:
     key: a PRNG key.
@@ -124,7 +126,7 @@ def sample_split(key, labels, support_size: int | None = None) -> dict:
   """
   k_task, k_sub = jax.random.split(key)
   task = meta_step.sample_task(k_task, labels, 1.0, 1.0)
-  query, support = task["query"], task["support"]
+  query, support = task.query, task.support
   n = labels.shape[0]
   if support_size is not None and support_size < n:
     score = jnp.where(support, jax.random.uniform(k_sub, (n,)), -1.0)
@@ -158,12 +160,13 @@ def pool_vjp(params, clip, feats, images, labels, spec: meta_step.StepSpec):
   text_reg = 1 the regularizer gradient of `task_and_reg_grads`.
   """
   v0 = meta_step.frozen_image_features(clip, images)
-  rows = jnp.ones(labels.shape, bool)
+  frozen = meta_step.Frozen(clip, feats)
+  x = meta_step.Inputs(images, labels, v0, jnp.ones(labels.shape, bool))
+  # The per-sample terms need the features and logits.
+  recording = dataclasses.replace(spec, record_intermediates=True)
 
   def per_sample(p):
-    (_, _), aux = meta_step.forward(
-      p, clip, feats, images, labels, v0, rows, spec
-    )
+    (_, _), aux = meta_step.forward(p, frozen, x, recording)
     ce = losses.cross_entropy(aux["logits"], labels)
     diff = jnp.abs(aux["image_features"] - v0)
     r_image = spec.meta.image_reg_weight * jnp.mean(diff, axis=-1)
@@ -189,18 +192,18 @@ def pool_vjp(params, clip, feats, images, labels, spec: meta_step.StepSpec):
 def heldout_gradient(params, clip, heldout: dict, spec: meta_step.StepSpec):
   """(grad, loss): mean CE gradient on a separate labelled set.
 
-  For the diagnostic of PAPER.md 10.3 (5): `heldout` holds new-class images
-  with labels over the new classes and the new classes' features
-  ({"feats", "image", "label"}). Never used for training.
+  For the new-class diagnostic (docs/method.md, "How it is measured", 5):
+  `heldout` holds new-class images with labels over the new classes and
+  the new classes' features ({"feats", "image", "label"}). Never used for
+  training.
   """
   images, labels = heldout["image"], heldout["label"]
   v0 = meta_step.frozen_image_features(clip, images)
-  rows = jnp.ones(labels.shape, bool)
+  frozen = meta_step.Frozen(clip, heldout["feats"])
+  x = meta_step.Inputs(images, labels, v0, jnp.ones(labels.shape, bool))
 
   def ce(p):
-    (loss, _), _ = meta_step.forward(
-      p, clip, heldout["feats"], images, labels, v0, rows, spec
-    )
+    (loss, _), _ = meta_step.forward(p, frozen, x, spec)
     return loss
 
   loss, grad = jax.value_and_grad(ce)(params)
@@ -335,7 +338,8 @@ def alignment(
     split_batch: splits whose backward passes run together (None: all S
       at once; smaller bounds memory on big models, 1 is sequential).
     heldout: optional {"feats", "image", "label"} set (new classes): its CE
-      gradient replaces the query-class gradient (PAPER.md 10.3 (5)).
+      gradient replaces the query-class gradient (the new-class
+      diagnostic of docs/method.md, "How it is measured").
     return_gammas: also return every split's gamma (for histograms).
 
   Returns:
@@ -398,15 +402,15 @@ def first_order_check(
     "dot": <grad L_val, u>}.
   """
   images, labels = pool["image"], pool["label"]
+  frozen = meta_step.Frozen(clip, feats)
   v0 = meta_step.frozen_image_features(clip, images)
-  g, g_reg, _ = meta_step.task_and_reg_grads(
-    params, clip, feats, images, labels, v0, split["support"], spec
-  )
+  x = meta_step.Inputs(images, labels, v0, split["support"])
+  g, g_reg, _ = meta_step.task_and_reg_grads(params, frozen, x, spec)
   u, _ = meta_step.combine(gnet, g, g_reg, spec.meta)
 
   def val_loss(p):
     (ce, _), _ = meta_step.forward(
-      p, clip, feats, images, labels, v0, split["query"], spec
+      p, frozen, x.replace(rows=split["query"]), spec
     )
     return ce
 

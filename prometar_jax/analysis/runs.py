@@ -26,10 +26,10 @@ import jax
 import numpy as np
 
 from prometar_jax import checkpoint as checkpoint_lib
-from prometar_jax import data, fileio, meta_step, train
+from prometar_jax import data, features, fileio, meta_step
 from prometar_jax import prompt_learners as pl
-from prometar_jax import run as run_lib
 from prometar_jax import sharding as sharding_lib
+from prometar_jax import workdir as workdir_lib
 from prometar_jax.analysis import measures
 
 PyTree = Any
@@ -37,7 +37,8 @@ PyTree = Any
 
 def checkpoint_dir(workdir: str, dataset: str, seed: int) -> str:
   """Where `train.train_and_evaluate` keeps a run's checkpoints."""
-  return os.path.join(train.run_dir_of(workdir, dataset, seed), "checkpoints")
+  run_dir = workdir_lib.run_dir_of(workdir, dataset, seed)
+  return os.path.join(run_dir, "checkpoints")
 
 
 def class_features(spec: meta_step.StepSpec, clip, classnames) -> dict:
@@ -46,7 +47,7 @@ def class_features(spec: meta_step.StepSpec, clip, classnames) -> dict:
   On one device, classes not sharded (the analysis runs on one device).
   """
   mesh = sharding_lib.make_mesh(1)
-  return run_lib.class_features(spec, clip, classnames, mesh, False)
+  return features.class_features(spec, clip, classnames, mesh, False)
 
 
 def load_pool(
@@ -114,7 +115,8 @@ def state_target(spec: meta_step.StepSpec, clip) -> meta_step.TrainState:
   prompt = dataclasses.replace(spec.prompt, init_words="")
   key = jax.random.key(0)
   prompts = pl.init(key, clip, prompt)
-  return meta_step.init_state(key, prompts, spec)
+  # Any epoch length: a restore reads the saved one.
+  return meta_step.init_state(key, prompts, spec, steps_per_epoch=1)
 
 
 def restore_states(

@@ -11,7 +11,7 @@ config (DATASET.NAME, ROOT, NUM_SHOTS, SEED, SUBSAMPLE_CLASSES):
 
 Items are `(absolute_image_path, label, classname)` tuples. The folder layout
 of every dataset is in docs/datasets.md (CoOp's DATASETS.md); the facts this
-module follows are in shared/docs/DATA.md, sections 1 and 2:
+module follows are in docs/datasets.md, "What Dassl does, step by step":
 
 - JSON datasets read `split_zhou_*.json` in list order, relative paths joined
   to the dataset's image folder, labels and class names taken verbatim.
@@ -36,6 +36,21 @@ from prometar_jax.data import fewshot
 Item = fewshot.Item
 
 LAYOUT_DOC = "docs/datasets.md"
+
+# EuroSAT's folders and the class names CoOp's split file holds for them
+# (CoOp renamed the folders to phrases when it wrote the split).
+EUROSAT_NAMES = {
+  "AnnualCrop": "Annual Crop Land",
+  "Forest": "Forest",
+  "HerbaceousVegetation": "Herbaceous Vegetation Land",
+  "Highway": "Highway or Road",
+  "Industrial": "Industrial Buildings",
+  "Pasture": "Pasture Land",
+  "PermanentCrop": "Permanent Crop Land",
+  "Residential": "Residential Buildings",
+  "River": "River",
+  "SeaLake": "Sea or Lake",
+}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,7 +3,8 @@
 Items are `(image_ref, label, classname)` tuples (`image_ref` is usually an
 absolute image path). Everything here is plain Python on lists, so the
 selection for a seed is the same list Dassl.pytorch would build from the same
-split list (docs: shared/docs/DATA.md, section 2):
+split list (docs/datasets.md, "Few-shot sampling" and "Base and new
+classes"):
 
 - `generate_fewshot` mirrors `DatasetBase.generate_fewshot_dataset`: labels in
   order of first appearance, `random.sample(items, k)` per label (all items

@@ -17,20 +17,6 @@ from PIL import Image
 
 from prometar_jax.data import datasets
 
-# EuroSAT folders and the names CoOp's split file holds for them.
-EUROSAT_NAMES = {
-  "AnnualCrop": "Annual Crop Land",
-  "Forest": "Forest",
-  "HerbaceousVegetation": "Herbaceous Vegetation Land",
-  "Highway": "Highway or Road",
-  "Industrial": "Industrial Buildings",
-  "Pasture": "Pasture Land",
-  "PermanentCrop": "Permanent Crop Land",
-  "Residential": "Residential Buildings",
-  "River": "River",
-  "SeaLake": "Sea or Lake",
-}
-
 
 def write_jpeg(path, rng, size=(32, 40), quality=90):
   """A smooth random RGB JPEG of `size` (height, width) at `path`."""
@@ -46,7 +32,7 @@ def write_jpeg(path, rng, size=(32, 40), quality=90):
 def _classes(name, num_classes):
   """(folder, classname) pairs in label order, styled like the dataset."""
   if name == "eurosat":
-    pairs = list(EUROSAT_NAMES.items())
+    pairs = list(datasets.EUROSAT_NAMES.items())
     if num_classes > len(pairs):
       raise ValueError("EuroSAT has 10 classes.")
     return pairs[:num_classes]

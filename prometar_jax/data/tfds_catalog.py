@@ -3,10 +3,10 @@
 These are NOT the CoOp splits. The catalog versions have other train/val/test
 partitions (EuroSAT even has a single split, cut here 50/20/30 by record
 position), Caltech101 lists 102 lower-cased classes, SUN397 is re-encoded
-and downscaled, and so on (shared/docs/DATA.md, section 4.1). Numbers
-obtained with them are not comparable with the paper; use `fewshot_split`
-on the CoOp folders (or `tfds_coop`) for that. The catalog route is for
-quick experiments where the official files are not at hand.
+and downscaled, and so on (docs/datasets.md, "TFDS catalog datasets").
+Numbers obtained with them are not comparable with the paper; use
+`fewshot_split` on the CoOp folders (or `tfds_coop`) for that. The catalog
+route is for quick experiments where the official files are not at hand.
 
     split = catalog_split("eurosat", num_shots=16, seed=1, subsample="base")
     source = CatalogSource("eurosat")
@@ -27,11 +27,11 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from prometar_jax.data import fewshot, synthetic
+from prometar_jax.data import datasets, fewshot
 
 
 def _eurosat(name):
-  return synthetic.EUROSAT_NAMES.get(name, name)
+  return datasets.EUROSAT_NAMES.get(name, name)
 
 
 def _cars(name):

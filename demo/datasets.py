@@ -41,8 +41,8 @@ import shutil
 import numpy as np
 from PIL import Image
 
+from demo import world
 from prometar_jax.data import datasets as coop_datasets
-from prometar_jax.demo import world
 
 # Changing the world's pictures or the datasets' sizes changes this
 # version, so that a cached build is rebuilt rather than reused.

@@ -1,6 +1,6 @@
 r"""Contrastive pretraining of a tiny CLIP on the world, saved as a HF folder.
 
-  python -m prometar_jax.demo.pretrain --out .cache/demo/tiny-clip
+  python -m demo.pretrain --out .cache/demo/tiny-clip
 
 1. Tokenizer: BPE merges learned on captions of the world (tokenizer.py).
 2. Images: a pool of `pool_size` rendered objects (world.py) in groups of
@@ -36,9 +36,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from demo import tokenizer as tokenizer_lib
+from demo import world
 from prometar_jax.data import pp_ops
-from prometar_jax.demo import tokenizer as tokenizer_lib
-from prometar_jax.demo import world
 from prometar_jax.models import clip as clip_lib
 
 PyTree = Any
@@ -381,8 +381,8 @@ def zero_shot_accuracy(
   Returns:
     {dataset: {"all", "base", "new", "chance_new"}}.
   """
+  from demo import datasets as demo_datasets
   from prometar_jax import zeroshot
-  from prometar_jax.demo import datasets as demo_datasets
 
   out = {}
   for d in demo_datasets.DEMO_DATASETS:

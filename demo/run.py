@@ -1,8 +1,12 @@
 r"""The offline demo: every method of configs/demo.py, then one table.
 
-  python -m prometar_jax.demo.run --workdir workdir/demo
-  python -m prometar_jax.demo.run --workdir workdir/demo3 \
+  python launch.py --config configs/demo.py --workdir workdir/demo
+  python -m demo.run --workdir workdir/demo3 \
     --config configs/demo.py:seeds=1,2,3
+
+(`configs/demo.py` names `run_and_print` as its driver, which launch.py
+calls; `python -m demo.run`, from the checkout's root, is the same job
+without launch.py.)
 
 Builds the assets if missing (build.py), then for each method of
 `config.demo.methods` calls `prometar_jax.train.train_and_evaluate` with
@@ -24,8 +28,9 @@ The terminal (`run_and_print`): one line per run when it ends, a bar
 while it trains (the second lane's bars only on a terminal, where tqdm
 can draw two), then the table; the full log is in workdir/demo.log.
 
-A method whose runs are done (summary.json) is not trained again; a
-workdir holding another configuration is refused rather than mixed.
+A method whose runs are done (summary.json) is not trained again, and
+more seeds in the same workdir add runs; a workdir holding another
+configuration is refused rather than mixed.
 """
 
 from __future__ import annotations
@@ -40,21 +45,19 @@ from collections.abc import Mapping, Sequence
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from prometar_jax import fileio, metrics, results
-from prometar_jax.demo import build as demo_build
-from prometar_jax.demo import datasets as demo_datasets
+from configs import demo as demo_config
+from demo import build as demo_build
+from demo import datasets as demo_datasets
+from prometar_jax import fileio, identity, metrics, results
 
-_REPO = os.path.dirname(os.path.dirname(demo_build.PACKAGE_DIR))
-DEFAULT_CONFIG = os.path.join(_REPO, "configs", "demo.py")
+DEFAULT_CONFIG = os.path.join(demo_build.CHECKOUT, "configs", "demo.py")
 CONFIG_JSON = "config.json"
 LOG_FILE = "demo.log"
 # The method that trains in the calling thread (the longest); the others
 # share a second thread (see the module docstring).
 MAIN_LANE = "prometar"
-# Config keys that change what is shown, not what is computed.
-_DISPLAY_KEYS = ("progress_bar", "log_every")
 
-# Table labels (configs/demo.py METHODS).
+# Table labels of configs/demo.py's METHODS.
 LABELS = {
   "zeroshot": "Zero-shot CLIP",
   "coop": "CoOp",
@@ -63,38 +66,28 @@ LABELS = {
 }
 
 
-def _config_module():
-  """configs/demo.py as a module (the `configs` folder is not installed)."""
-  if _REPO not in sys.path:
-    sys.path.insert(0, _REPO)
-  from configs import demo
-
-  return demo
-
-
 def method_configs(config) -> dict:
   """{method: the config that trains it}, in `config.demo.methods` order."""
-  demo = _config_module()
-  return {m: demo.for_method(config, m) for m in config.demo.methods}
+  return {m: demo_config.for_method(config, m) for m in config.demo.methods}
 
 
 def _check_workdir(path: str, config) -> None:
-  """Refuses a method workdir written by another configuration."""
+  """Refuses, before any work, a method workdir of another configuration.
+
+  Each run's identity (prometar_jax/identity.py) is checked again when its
+  method trains; this checks every method's saved sweep config first, so
+  that one lane cannot start training while the other is refused. Keys
+  that cannot change a result (seeds, datasets, logging, ...) may differ:
+  more seeds in the same workdir reuse the runs already done.
+  """
   found = os.path.join(path, CONFIG_JSON)
   if not os.path.isfile(found):
     return
-  with open(found) as f:
-    old = json.load(f)
-  new = json.loads(config.to_json_best_effort())
-  for key in _DISPLAY_KEYS:
-    old.pop(key, None)
-    new.pop(key, None)
-  if old != new:
-    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    raise ValueError(
-      f"{path} holds runs of another configuration (differs in "
-      f"{', '.join(keys)}); use another --workdir or delete it"
-    )
+  saved = identity.config_identity(fileio.read_json(found))
+  now = identity.config_identity(json.loads(config.to_json_best_effort()))
+  diff = identity.differences(saved, now)
+  if diff:
+    raise identity.mismatch_error([identity.describe(path, diff)])
 
 
 def combine(runs: Mapping[str, Sequence[Mapping]]) -> dict:
@@ -210,7 +203,8 @@ def run_demo(
   workdir: str,
   *,
   progress: bool = True,
-  archive_old_runs=False,
+  archive_old_runs: bool = False,
+  eval_only: bool = False,
   quiet: bool = False,
 ) -> dict:
   """Builds the assets, trains and evaluates every method, writes tables.
@@ -221,6 +215,8 @@ def run_demo(
     progress: progress bars for the build and the training.
     archive_old_runs: move runs of another configuration aside instead of
       refusing (train.train_and_evaluate).
+    eval_only: evaluate the latest checkpoint (or prompts) of every run,
+      no training (train.train_and_evaluate).
     quiet: the full log to workdir/demo.log, and only warnings and one
       line per run on the terminal (`metrics.terminal`).
 
@@ -232,19 +228,26 @@ def run_demo(
 
   log = os.path.join(workdir, LOG_FILE) if quiet else None
   with workdir_lib.hold(workdir), metrics.terminal(log):
-    return _run_demo(config, workdir, progress, archive_old_runs)
+    return _run_demo(
+      config,
+      workdir,
+      progress,
+      dict(archive_old_runs=archive_old_runs, eval_only=eval_only),
+    )
 
 
-def _train_methods(configs: Mapping, workdir, archive_old_runs) -> dict:
-  """{method: (run summaries, wall seconds)}, one method after another."""
+def _train_methods(configs: Mapping, workdir, train_args: Mapping) -> dict:
+  """{method: (run summaries, wall seconds)}, one method after another.
+
+  `train_args`: train.train_and_evaluate's archive_old_runs, eval_only.
+  """
   from prometar_jax import train
 
   out = {}
   for method, c in configs.items():
     t = time.time()
-    runs = train.train_and_evaluate(
-      c, os.path.join(workdir, method), archive_old_runs=archive_old_runs
-    )["runs"]
+    path = os.path.join(workdir, method)
+    runs = train.train_and_evaluate(c, path, **train_args)["runs"]
     out[method] = (runs, time.time() - t)
   return out
 
@@ -264,7 +267,7 @@ def _title(config) -> str:
   return f"Demo: base-to-new in the generated world (seeds {seeds})"
 
 
-def _run_demo(config, workdir, progress, archive_old_runs) -> dict:
+def _run_demo(config, workdir, progress, train_args) -> dict:
   configs = method_configs(config)
   # Only a terminal can draw two bars at once; elsewhere (a pipe, a file)
   # the second lane's runs show their summary lines only.
@@ -273,7 +276,7 @@ def _run_demo(config, workdir, progress, archive_old_runs) -> dict:
     c.progress_bar = c.progress_bar and (
       progress if method == MAIN_LANE else second_bars
     )
-    if not archive_old_runs:
+    if not train_args["archive_old_runs"]:
       _check_workdir(os.path.join(workdir, method), c)
   t0 = time.time()
   names = tuple(demo_datasets.display_name(d) for d in config.data.datasets)
@@ -295,9 +298,9 @@ def _run_demo(config, workdir, progress, archive_old_runs) -> dict:
   try:
     lane = None
     if second:
-      lane = pool.submit(_train_methods, second, workdir, archive_old_runs)
+      lane = pool.submit(_train_methods, second, workdir, train_args)
       lane.add_done_callback(_say_if_failed)
-    done = _train_methods(first, workdir, archive_old_runs)
+    done = _train_methods(first, workdir, train_args)
     if lane is not None:
       done.update(lane.result())
   finally:
@@ -332,8 +335,10 @@ def _header(config, workdir: str) -> str:
   )
 
 
-def run_and_print(config, workdir: str, archive_old_runs=False) -> dict:
-  """The command line's job (also launch.py's for configs/demo.py).
+def run_and_print(
+  config, workdir: str, archive_old_runs=False, eval_only=False
+) -> dict:
+  """The demo's job: configs/demo.py's driver, which launch.py calls.
 
   `run_demo` with a quiet terminal and a persistent compilation cache in
   the demo's cache folder (reruns, and the three-seed run after the
@@ -357,6 +362,7 @@ def run_and_print(config, workdir: str, archive_old_runs=False) -> dict:
     workdir,
     progress=config.progress_bar,
     archive_old_runs=archive_old_runs,
+    eval_only=eval_only,
     quiet=True,
   )
   print()
@@ -378,6 +384,8 @@ def _main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+  # Tokenizer and config reader only (see launch.py).
+  os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
   import tensorflow as tf
 
   tf.config.set_visible_devices([], "GPU")

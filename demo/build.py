@@ -1,13 +1,13 @@
 r"""Builds the demo's assets into a cache folder, each only if missing.
 
-  python -m prometar_jax.demo.build                 # what the demo needs
-  python -m prometar_jax.demo.build --from_scratch  # also re-pretrain CLIP
+  python -m demo.build                 # what the demo needs
+  python -m demo.build --from_scratch  # also re-pretrain CLIP
 
 world -> tokenizer -> pretrained tiny CLIP -> downstream datasets:
 
 * The world is code (world.py): nothing to build.
 * The tokenizer and the tiny CLIP come committed, as a Hugging Face folder
-  in `prometar_jax/demo/tiny_clip` (a few MB): pretraining takes about as
+  in `demo/tiny_clip` (a few MB): pretraining takes about as
   long as the whole demo budget on two CPU cores, so a fresh clone loads
   it instead. `--from_scratch` (or a checkout without it) trains the BPE
   and pretrains the CLIP into `<cache>/tiny_clip` with pretrain.py, the
@@ -18,8 +18,7 @@ world -> tokenizer -> pretrained tiny CLIP -> downstream datasets:
 Every step is idempotent: a finished step leaves a marker (the checkpoint's
 config.json and model.safetensors, the datasets' manifest) and is skipped
 when its marker matches. The cache folder is `$PROMETAR_DEMO_CACHE`, else
-`.cache/demo` in the checkout (ignored by git), else
-`~/.cache/prometar_jax/demo`.
+`.cache/demo` in the checkout (ignored by git).
 """
 
 from __future__ import annotations
@@ -28,29 +27,23 @@ import argparse
 import os
 import shutil
 
-from prometar_jax.demo import datasets as demo_datasets
+from demo import datasets as demo_datasets
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 COMMITTED_CHECKPOINT = os.path.join(PACKAGE_DIR, "tiny_clip")
 CHECKPOINT_FILES = ("config.json", "model.safetensors", "vocab.json")
 
 
-def _checkout_root() -> str | None:
-  root = os.path.dirname(os.path.dirname(PACKAGE_DIR))
-  if os.path.isfile(os.path.join(root, "pyproject.toml")):
-    return root
-  return None
+# The demo is a folder of the checkout, next to configs/ and launch.py.
+CHECKOUT = os.path.dirname(PACKAGE_DIR)
 
 
 def default_cache_dir() -> str:
-  """$PROMETAR_DEMO_CACHE, `<checkout>/.cache/demo` or the user cache."""
+  """$PROMETAR_DEMO_CACHE, else `<checkout>/.cache/demo`."""
   env = os.environ.get("PROMETAR_DEMO_CACHE")
   if env:
     return os.path.abspath(os.path.expanduser(env))
-  root = _checkout_root()
-  if root is not None:
-    return os.path.join(root, ".cache", "demo")
-  return os.path.join(os.path.expanduser("~"), ".cache", "prometar_jax", "demo")
+  return os.path.join(CHECKOUT, ".cache", "demo")
 
 
 def data_root(cache_dir: str | None = None) -> str:
@@ -100,7 +93,7 @@ def build(
   # The world is code: nothing to build. Each step shows its own bar, and
   # only when it has work to do.
   if not has_checkpoint(ckpt):
-    from prometar_jax.demo import pretrain
+    from demo import pretrain
 
     cfg = pretrain_config or pretrain.PretrainConfig()
     partial = ckpt + ".partial"
