@@ -141,11 +141,15 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.seeds = (1,)
 
   # A hub id (read from the Hugging Face cache) or a local folder.
+  # learner: a registered prompt learner (prometar_jax/prompt_learners/);
+  # config.prompt holds its hyper-parameters.
   config.model = dict(
-    name="openai/clip-vit-base-patch16", dtype="float32", remat=False
+    name="openai/clip-vit-base-patch16",
+    dtype="float32",
+    remat=False,
+    learner="ivlp",
   )
   config.prompt = dict(
-    kind="ivlp",
     n_ctx_text=4,
     n_ctx_vision=4,
     depth_text=9,
@@ -278,7 +282,7 @@ def apply_method(
   layers; IVLP 4+4 tokens in 9 layers; MaPLe 2 coupled tokens in 9 layers.
   """
   learner = pl.get(method)
-  config.prompt.kind = learner.name
+  config.model.learner = learner.name
   config.prompt.update(dict(learner.defaults))
   if not prometar:
     config.meta.mode = "plain"

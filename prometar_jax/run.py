@@ -93,8 +93,13 @@ def sharded_train_step(
 def step_spec(config) -> meta_step.StepSpec:
   """The static learner, meta and optimizer settings of the config
   (validated)."""
+  if "kind" in config.prompt:
+    raise ValueError(
+      "config.prompt.kind is now config.model.learner (the learner's "
+      "registered name; config.prompt holds its hyper-parameters)"
+    )
   try:
-    prompt = pl.PromptConfig(**config.prompt)
+    prompt = pl.PromptConfig(kind=config.model.learner, **config.prompt)
     meta = meta_step.MetaConfig(**config.meta)
     optim = schedules.Optimizer(**config.optim)
     # The gradnet's cosine (paper behaviour) spans the run as well.

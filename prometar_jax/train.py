@@ -125,7 +125,7 @@ def check_images(config, cache: protocol.DataCache, eval_only: bool) -> None:
   t0 = time.time()
   train_refs, eval_refs = {}, {}
   for name, seed in _runs(config):
-    if not eval_only and pl.get(config.prompt.kind).trained:
+    if not eval_only and pl.get(config.model.learner).trained:
       split = cache.split(name, seed, train_subsample(config))
       train_refs.setdefault(name, []).extend(r for r, _, _ in split["train"])
     for es in eval_sets(config, name):

@@ -45,7 +45,7 @@ def test_base2new_has_the_released_hyper_parameters():
   )
   assert c.optim.schedule == "cosine"
   p = c.prompt
-  assert (p.kind, p.depth_text, p.depth_vision) == ("ivlp", 9, 9)
+  assert c.model.learner == "ivlp" and (p.depth_text, p.depth_vision) == (9, 9)
   assert (p.n_ctx_text, p.n_ctx_vision) == (4, 4)
   assert c.meta.plain_step and c.meta.lr_ratio == 5e-4
   assert (c.optim_gradnet.lr, c.optim_gradnet.schedule) == (1e-6, "constant")
@@ -58,7 +58,10 @@ def test_base2new_has_the_released_hyper_parameters():
 def test_every_step_field_is_a_config_key():
   # No hidden defaults: each PromptConfig / MetaConfig field has a key.
   c = common.get_base_config()
-  assert {f.name for f in dataclasses.fields(pl.PromptConfig)} == set(c.prompt)
+  # The learner's name is config.model.learner; the rest of PromptConfig
+  # is config.prompt.
+  prompt_fields = {f.name for f in dataclasses.fields(pl.PromptConfig)}
+  assert prompt_fields == set(c.prompt) | {"kind"}
   meta_fields = {f.name for f in dataclasses.fields(meta_step.MetaConfig)}
   assert meta_fields == set(c.meta)
   # The gradnet's schedule spans the run: its epochs are config.optim's.
@@ -134,7 +137,7 @@ def test_variants(method, prometar):
 
 def test_variants_on_other_protocols():
   c = get("variants", "method=coop,protocol=cross_dataset,seeds=1,2")
-  assert c.protocol == "cross_dataset" and c.prompt.kind == "coop"
+  assert c.protocol == "cross_dataset" and c.model.learner == "coop"
   assert c.seeds == (1, 2)
   with pytest.raises(ValueError, match="protocol"):
     get("variants", "protocol=fewshot")

@@ -218,7 +218,7 @@ def test_default_config_is_the_whole_demo():
   one = demo_config.get_config("method=ivlp")
   assert not one.demo.sweep and one.demo.methods == ("ivlp",)
   assert "driver" not in one
-  assert one.prompt.kind == "ivlp" and one.meta.mode == "plain"
+  assert one.model.learner == "ivlp" and one.meta.mode == "plain"
   # The recipe reaches every method (docs/demo.md).
   for m in demo_config.METHODS:
     c = demo_config.for_method(config, m)
@@ -234,7 +234,7 @@ def test_demo_end_to_end_quick(micro_clip, tmp_path, fast_compile):
   cache = str(tmp_path / "cache")
   config = demo_config.get_config(f"quick,seeds=1,cache={cache}")
   assert config.demo.methods == demo_config.METHODS
-  assert config.prompt.kind == "ivlp" and config.meta.mode == "prometar"
+  assert config.model.learner == "ivlp" and config.meta.mode == "prometar"
   config.model.name = micro_clip[0]
   config.demo.per_class = SMALL
   config.eval.batch_size = 32

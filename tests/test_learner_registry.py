@@ -63,7 +63,8 @@ def test_registered_learner_trains_one_prometar_step(
   # Selected by name, as the configs do.
   config = common.get_base_config()
   common.apply_method(config, "shared_vision", prometar=True)
-  prompt = pl.PromptConfig(**config.prompt)
+  assert config.model.learner == "shared_vision"
+  prompt = run_lib.step_spec(config).prompt  # as the trainer reads it
   assert prompt.learner is shared_vision
   assert (prompt.n_ctx_vision, prompt.depth_vision) == (2, 2)
   lr = schedules.Optimizer(lr=0.01, schedule="constant")
@@ -150,3 +151,19 @@ def test_declared_branches_must_match_the_prompts(tiny_clip_with_tokenizer):
   finally:
     pl.unregister(liar.name)
   assert liar.name not in pl.names()
+
+
+def test_config_model_learner_selects_the_learner(shared_vision):
+  config = common.get_base_config()
+  assert config.model.learner == "ivlp" and "kind" not in config.prompt
+  config.model.learner = "shared_vision"
+  assert run_lib.step_spec(config).prompt.learner is shared_vision
+  config.model.learner = "no_such_learner"
+  with pytest.raises(ValueError, match=r"registered: .*shared_vision"):
+    run_lib.step_spec(config)
+  # The key of earlier versions is named, not silently ignored.
+  config.model.learner = "ivlp"
+  with config.prompt.unlocked():
+    config.prompt.kind = "coop"
+  with pytest.raises(ValueError, match=r"config\.model\.learner"):
+    run_lib.step_spec(config)

@@ -158,7 +158,7 @@ def test_archive_moves_the_old_run_aside(e2e, assets, tmp_path):
   shutil.copytree(e2e[0] / "eurosat" / "seed1", wd / "eurosat" / "seed1")
   old = _digests(wd / "eurosat" / "seed1")
   config = _config(assets)
-  config.prompt.kind = "zeroshot"  # evaluation only: no training to wait for
+  config.model.learner = "zeroshot"  # evaluation only: no training to wait for
   with pytest.raises(errors.RunMismatch):
     train.train_and_evaluate(config, str(wd))
   out = train.train_and_evaluate(config, str(wd), archive_old_runs=True)

@@ -167,7 +167,7 @@ def test_zeroshot_domain_generalization_table(assets, tmp_path):
   config.update_from_flattened_dict(
     dict(tl.overrides(assets), **{"data.root": str(root)})
   )
-  config.prompt.kind = "zeroshot"
+  config.model.learner = "zeroshot"
   out = train.train_and_evaluate(config, str(tmp_path / "wd"))
   (summary,) = out["runs"]
   assert set(summary["accuracy"]) == {

@@ -16,7 +16,7 @@ prompts, their token ids, trimming and length groups).
 
 A new learner is one new file that defines its `init` and
 `tower_prompts` and registers a `Learner` under a new name; once that file
-is imported, `config.prompt.kind=<name>` trains and evaluates it like the
+is imported, `config.model.learner=<name>` trains and evaluates it like the
 built-in ones (docs/method.md, "Adding a learner").
 """
 

@@ -5,7 +5,7 @@ A learner is a `Learner` record: its name, the CLIP towers it prompts, a
 function giving fresh parameters and a function turning them into the
 per-tower prompt arrays that `models.clip` consumes. Every learner file of
 this package defines one and registers it; `PromptConfig.kind` (the config's
-`prompt.kind`) selects it by name. Everything above the towers' prompts
+`model.learner`) selects it by name. Everything above the towers' prompts
 (losses, the ProMetaR step, evaluation) is learner-agnostic.
 
 Parameters are a dict pytree. Its entries "text" and "vision"
@@ -64,7 +64,7 @@ class Learner:
   """A prompt learner: the interface every learner file fills in.
 
   Attributes:
-    name: its registry key (`PromptConfig.kind`, `config.prompt.kind`).
+    name: its registry key (`PromptConfig.kind`, `config.model.learner`).
     branches: the CLIP towers it prompts, in ("text", "vision"). With
       "text", the class prompts are "<n_ctx_text placeholders> <class>."
       and the learned text prompts replace the placeholders; without, they
