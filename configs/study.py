@@ -16,7 +16,7 @@ a stopped study continues where it stopped):
 
   python launch.py --config configs/study.py --workdir workdir/study
 
-Arguments: seeds (default 1-5), dataset (colours, scenes, compositions or
+Arguments: seeds (default 1-10), dataset (colours, scenes, compositions or
 all), shots (the sweep; the arms run at the largest), epochs, alignment
 (the gradient-alignment measures at the end of training; default on),
 splits (alignment splits per run), quick (1 and 2 shots, 1 epoch, 40 test
@@ -26,7 +26,7 @@ configs/demo.py).
 Fixed before the first run (docs/study.md): every arm takes the demo's
 recipe unchanged (configs/demo.py: lr, epochs, prompt shapes, crops,
 batch 4; chosen on IVLP alone before any ProMetaR run), each arm differs
-from IVLP only by its training scheme, the seeds are 1-5, and the
+from IVLP only by its training scheme, the seeds are 1-10, and the
 behaviour of the shots sweep and of the no_aug arm is chosen by RULE
 (applied by the driver to the 16-shot results, never by hand).
 """
@@ -59,7 +59,12 @@ RULE = (
   "released. It is the ProMetaR arm of the shots sweep and the behaviour "
   "of the no_aug arm."
 )
-SEEDS = (1, 2, 3, 4, 5)
+# Ten seeds (the issue asks for at least five): the whole study fits the
+# issue's ~2 hours on two cores with room (docs/study.md, "Budget"), and
+# 95% t intervals are ~42% narrower than with five (t_9 / sqrt(10) =
+# 0.72 against t_4 / sqrt(5) = 1.24 sd). Set from the smoke run's timing
+# alone, before any run of the study.
+SEEDS = tuple(range(1, 11))
 SHOTS = (1, 4, 16)
 
 
@@ -145,6 +150,8 @@ def get_config(arg=None):
       # every arm of a (task, seed).
       per_class=8,
       key=0,
+      # Splits whose backward passes run together (memory bound).
+      split_batch=8,
     ),
   )
   return config

@@ -231,50 +231,40 @@ def choose_behaviour(table: Mapping, behaviours: Sequence[str]) -> dict:
 # ---------------------------------------------------------------------------
 
 
-def gate_curves(traces: Sequence[Mapping], bins: int = 20) -> dict:
-  """Per-layer gate means over training, binned by progress, over runs.
+def gate_curves(traces: Sequence[Mapping], points: int = 20) -> dict:
+  """Per-layer gate means along training, on a common grid, over runs.
 
   Args:
     traces: one per run, {"progress": [K] in (0, 1] (step / total steps),
       "mean": {branch: [K, depth]}, "std": {branch: [K, depth]}}: the gate
       statistics the step logged at each log point.
-    bins: equal bins of training progress.
+    points: grid points from the latest first log point of the runs to
+      the end of training; each run is linearly interpolated onto them
+      (runs of different tasks log at different fractions).
 
   Returns:
-    {branch: {"x": [bins] bin centres, "mean": [bins, depth] (mean over
-    runs of each run's bin mean), "sd": [bins, depth] (sd over runs, 0
-    with one run)}}; bins no run reached are NaN.
+    {branch: {"x": [points], "mean": [points, depth] (mean over runs),
+    "sd": [points, depth] (sd over runs, n - 1; 0 with one run)}}.
   """
-  edges = np.linspace(0.0, 1.0, bins + 1)
-  branches = sorted({b for t in traces for b in t["mean"]})
   out = {}
+  branches = sorted({b for t in traces for b in t["mean"]})
   for branch in branches:
+    runs = [t for t in traces if branch in t["mean"]]
+    start = max(float(t["progress"][0]) for t in runs)
+    x = np.linspace(start, 1.0, points)
     per_run = []
-    for t in traces:
-      if branch not in t["mean"]:
-        continue
+    for t in runs:
       p = np.asarray(t["progress"], np.float64)
       v = np.asarray(t["mean"][branch], np.float64)
-      which = np.clip(np.searchsorted(edges, p, side="left") - 1, 0, bins - 1)
-      binned = np.full((bins, v.shape[1]), np.nan)
-      for i in range(bins):
-        if np.any(which == i):
-          binned[i] = v[which == i].mean(axis=0)
-      per_run.append(binned)
+      per_run.append(
+        np.stack([np.interp(x, p, v[:, i]) for i in range(v.shape[1])], -1)
+      )
     stack = np.stack(per_run)
-    with np.errstate(invalid="ignore"):
-      count = np.sum(~np.isnan(stack), axis=0)
-      mean = np.where(
-        count > 0, np.nansum(stack, 0) / np.maximum(count, 1), np.nan
-      )
-      dev = np.where(np.isnan(stack), 0.0, (stack - mean) ** 2)
-      sd = np.where(
-        count > 1, np.sqrt(dev.sum(0) / np.maximum(count - 1, 1)), 0.0
-      )
+    sd = stack.std(0, ddof=1) if len(runs) > 1 else np.zeros(stack.shape[1:])
     out[branch] = {
-      "x": ((edges[:-1] + edges[1:]) / 2).tolist(),
-      "mean": mean.tolist(),
-      "sd": np.where(count > 0, sd, np.nan).tolist(),
+      "x": x.tolist(),
+      "mean": stack.mean(0).tolist(),
+      "sd": sd.tolist(),
     }
   return out
 

@@ -53,11 +53,15 @@ RESULTS_JSON = "study.json"
 RESULTS_MD = "study.md"
 FIGURES = "figures"
 ALIGNMENT = "alignment.json"
-# The budget's estimate: seconds per training step and per run (input
-# pipeline, teacher, evaluation) on an idle 2-core machine with two lanes
-# (docs/demo.md, "Time"; docs/study.md, "Budget").
-SECONDS_PER_STEP = {"plain": 0.03, "fixed_reg": 0.035, "prometar": 0.15}
-SECONDS_PER_RUN = 6.0
+# The budget's estimate (docs/study.md, "Budget"), measured on an idle
+# 2-core machine with two lanes busy (the smoke run of docs/study.md):
+# seconds per training step, per job (compiling the step, loading the
+# sweep), per run (input pipeline, teacher, evaluation), and for the
+# alignment per run and per (arm, task) (compiling it).
+SECONDS_PER_STEP = {"plain": 0.03, "fixed_reg": 0.05, "prometar": 0.15}
+SECONDS_PER_JOB = {"plain": 10.0, "fixed_reg": 12.0, "prometar": 35.0}
+SECONDS_PER_RUN = 2.0
+SECONDS_ALIGNMENT = (3.0, 6.0)
 PROMETAR_ARMS = ("released", "paper", "no_aug")
 
 
@@ -85,10 +89,22 @@ def _steps(config, dataset: str) -> int:
 
 
 def estimate_seconds(config) -> float:
-  """The budget's estimate of one job (all its runs)."""
-  per_step = SECONDS_PER_STEP[config.meta.mode]
+  """The budget's estimate of one job (all its runs), training only."""
+  mode = config.meta.mode
   runs = [(d, s) for d in config.data.datasets for s in config.seeds]
-  return sum(_steps(config, d) * per_step + SECONDS_PER_RUN for d, _ in runs)
+  return SECONDS_PER_JOB[mode] + sum(
+    _steps(config, d) * SECONDS_PER_STEP[mode] + SECONDS_PER_RUN
+    for d, _ in runs
+  )
+
+
+def alignment_estimate(config) -> float:
+  """Estimated seconds of the alignment measures (every arm, main shots)."""
+  if not config.study.alignment.enabled:
+    return 0.0
+  arms, tasks = len(study_config.ARMS), len(config.data.datasets)
+  per_run, per_compile = SECONDS_ALIGNMENT
+  return arms * tasks * (per_run * len(config.seeds) + per_compile)
 
 
 def make_job(config, workdir, arm, shots=None, behaviour="") -> Job:
@@ -110,14 +126,15 @@ def second_jobs(config, workdir, behaviour: str) -> list[Job]:
 
 
 def plan_estimate(config) -> float:
-  """Estimated seconds of the whole study (the second arms with the
-  costlier behaviour), in two lanes (the sum halved, at best)."""
+  """Estimated seconds of the whole study: training in two lanes (the
+  sum halved; the second arms in the costlier behaviour), then the
+  alignment in one."""
   jobs = first_jobs(config, "")
   jobs += max(
     (second_jobs(config, "", b) for b in study_config.BEHAVIOURS),
     key=lambda js: sum(j.estimate for j in js),
   )
-  return sum(j.estimate for j in jobs) / 2
+  return sum(j.estimate for j in jobs) / 2 + alignment_estimate(config)
 
 
 def _train_jobs(jobs, train_args, progress) -> dict:
@@ -259,6 +276,7 @@ def measure_alignment(
         key,
         spec=spec,
         num_splits=settings.num_splits,
+        split_batch=min(settings.split_batch, settings.num_splits),
       )
     )
     record = {
@@ -491,13 +509,14 @@ def report_markdown(out: Mapping, config) -> str:
     ]
     lines.append("")
   if secs:
-    est = sum(secs.get("estimate", {}).values()) / 2
+    est = sum(secs["estimate"].values()) / 2 + alignment_estimate(config)
     lines += [
       "## Budget",
       "",
       f"Wall time {_minutes(secs['total'])} (estimate {_minutes(est)} on an "
-      f"idle 2-core machine); analysis {secs['analysis']:.0f} s. Per job "
-      "(arm/shots): wall seconds (0 when reused) / estimate:",
+      f"idle 2-core machine); analysis {secs['analysis']:.0f} s (estimate "
+      f"{alignment_estimate(config):.0f} s). Per job (arm/shots): wall "
+      "seconds (about 0 when reused) / estimate:",
       "",
     ]
     lines += [

@@ -137,8 +137,13 @@ def test_gate_summary_by_hand():
   assert (s["first"][0], s["last"][0]) == (0.5, 0.7)
   assert s["max_dev"][0] == pytest.approx(0.2)
   assert s["within"][0] == pytest.approx(0.1)
-  curves = analysis.gate_curves([trace, trace], bins=3)["text"]
-  np.testing.assert_allclose(np.asarray(curves["mean"])[:, 0], [0.5, 0.6, 0.7])
+  # On a grid from the first log point (1/3) to the end: 5 points, the
+  # run interpolated linearly (0.55 half-way between 1/3 and 2/3).
+  curves = analysis.gate_curves([trace, trace], points=5)["text"]
+  np.testing.assert_allclose(curves["x"], [1 / 3, 1 / 2, 2 / 3, 5 / 6, 1])
+  np.testing.assert_allclose(
+    np.asarray(curves["mean"])[:, 0], [0.5, 0.55, 0.6, 0.65, 0.7]
+  )
   np.testing.assert_allclose(np.asarray(curves["sd"])[:, 0], 0.0)
 
 
