@@ -151,6 +151,13 @@ def _train_jobs(jobs, train_args, progress) -> dict:
     job.config.progress_bar = bars
     t = time.time()
     runs = train.train_and_evaluate(job.config, job.path, **train_args)["runs"]
+    metrics.report(
+      "%s, %d shots: %d runs done (%.0f s)",
+      study_config.ARMS[job.arm],
+      job.shots,
+      len(runs),
+      time.time() - t,
+    )
     return runs, time.time() - t
 
   out = {}
@@ -390,6 +397,18 @@ def _run_study(config, workdir, progress, train_args) -> dict:
   out = _analyse(config, jobs, done, choice, traces, aligned)
   seconds["total"] = time.time() - t0
   out["seconds"] = seconds
+  # Every session of this workdir (a stopped study continues in another).
+  previous = os.path.join(workdir, RESULTS_JSON)
+  sessions = []
+  if fileio.exists(previous):
+    sessions = list(fileio.read_json(previous).get("sessions", []))
+  sessions.append(
+    {
+      "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0)),
+      "seconds": seconds["total"],
+    }
+  )
+  out["sessions"] = sessions
   out["compute_seconds"] = {
     k: sum(
       s.get("train_seconds", 0.0) + s.get("eval_seconds", 0.0)
@@ -510,10 +529,18 @@ def report_markdown(out: Mapping, config) -> str:
     lines.append("")
   if secs:
     est = sum(secs["estimate"].values()) / 2 + alignment_estimate(config)
+    sessions = out.get("sessions", [])
     lines += [
       "## Budget",
       "",
-      f"Wall time {_minutes(secs['total'])} (estimate {_minutes(est)} on an "
+      f"Wall time of all {len(sessions)} session(s) of this workdir: "
+      f"{_minutes(sum(x['seconds'] for x in sessions))} ("
+      + ", ".join(f"{x['started']} {_minutes(x['seconds'])}" for x in sessions)
+      + "); training and evaluation recorded in the runs' summaries: "
+      f"{_minutes(sum(out.get('compute_seconds', {}).values()))} (two "
+      "lanes overlap).",
+      "",
+      f"This session: {_minutes(secs['total'])} (estimate {_minutes(est)} on an "
       f"idle 2-core machine); analysis {secs['analysis']:.0f} s (estimate "
       f"{alignment_estimate(config):.0f} s). Per job (arm/shots): wall "
       "seconds (about 0 when reused) / estimate:",
