@@ -172,6 +172,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     text_reg_weight=50.0,
     image_reg_weight=20.0,
     fixed_gamma=0.5,
+    # The paper's task augmentation (mixup of the query images); False is
+    # the "w/o task augmentation" ablation (docs/method.md).
+    task_augmentation=True,
   )
   config.data = dict(
     datasets=("eurosat",),

@@ -71,7 +71,7 @@ def method_configs(config) -> dict:
   return {m: demo_config.for_method(config, m) for m in config.demo.methods}
 
 
-def _check_workdir(path: str, config) -> None:
+def check_workdir(path: str, config) -> None:
   """Refuses, before any work, a method workdir of another configuration.
 
   Each run's identity (prometar_jax/identity.py) is checked again when its
@@ -277,7 +277,7 @@ def _run_demo(config, workdir, progress, train_args) -> dict:
       progress if method == MAIN_LANE else second_bars
     )
     if not train_args["archive_old_runs"]:
-      _check_workdir(os.path.join(workdir, method), c)
+      check_workdir(os.path.join(workdir, method), c)
   t0 = time.time()
   names = tuple(demo_datasets.display_name(d) for d in config.data.datasets)
   demo_build.build(

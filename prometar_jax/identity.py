@@ -62,6 +62,14 @@ IGNORED = (
 )
 
 
+# Keys added to the config after runs were made without them: a saved
+# identity that lacks one was made with this value (the behaviour before
+# the key existed), so it still matches a config that has the default.
+ADDED = {
+  "config.meta.task_augmentation": True,
+}
+
+
 def _ignored(key: str) -> bool:
   return any(
     key == k or (k.endswith(".") and key.startswith(k)) for k in IGNORED
@@ -157,10 +165,14 @@ def run_identity(
 def differences(saved: Mapping, now: Mapping) -> dict:
   """{key: (saved, now)} for every key whose value differs."""
   keys = sorted(set(saved) | set(now))
+
+  def get(identity, k):
+    return identity.get(k, ADDED.get(k, MISSING))
+
   return {
-    k: (saved.get(k, MISSING), now.get(k, MISSING))
+    k: (get(saved, k), get(now, k))
     for k in keys
-    if saved.get(k, MISSING) != now.get(k, MISSING)
+    if get(saved, k) != get(now, k)
   }
 
 

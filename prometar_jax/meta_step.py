@@ -76,6 +76,10 @@ class MetaConfig:
   text_reg_weight: float = 50.0
   image_reg_weight: float = 20.0
   fixed_gamma: float = 0.5
+  # The paper's task augmentation, Aug(D_val): mixup of each query image
+  # with a support partner. False: the same query/support split, every
+  # lambda = 1 (the outer loss is the plain CE of the clean query images).
+  task_augmentation: bool = True
 
   def __post_init__(self):
     if self.mode not in RULES:
@@ -324,12 +328,17 @@ def combine(gnet, g_ce, g_reg, meta: MetaConfig):
 # ---------------------------------------------------------------------------
 
 
-def sample_task(key, labels, alpha: float, beta: float) -> Task:
+def sample_task(
+  key, labels, alpha: float, beta: float, mixup: bool = True
+) -> Task:
   """Query/support split, mixup weights and partners, all fixed-shape.
 
   The query class is uniform over the classes present (one candidate per
   class: its first occurrence); partners are uniform over the support, with
-  replacement. `valid` is False when the batch holds a single class.
+  replacement. `valid` is False when the batch holds a single class. With
+  `mixup=False` (no task augmentation) every lambda is 1: the query loss
+  is then the plain CE of the query images; the same key draws the same
+  split and partners either way.
   """
   k_q, k_lam, k_mix = jax.random.split(key, 3)
   b = labels.shape[0]
@@ -340,6 +349,8 @@ def sample_task(key, labels, alpha: float, beta: float) -> Task:
   query = labels == labels[pick]
   support = ~query
   lam = jax.random.beta(k_lam, alpha, beta, (b,))
+  if not mixup:
+    lam = jnp.ones_like(lam)
   support_logits = jnp.where(support, 0.0, -jnp.inf)
   partner = jax.random.categorical(
     k_mix, jnp.broadcast_to(support_logits, (b, b)), axis=-1
@@ -428,7 +439,16 @@ def inner_adapt(theta, gnet, frozen: Frozen, x: Inputs, task: Task, spec):
       "gamma": gammas,
       "combined_grad": direction,
     }
+  elif _logs_inner_gate(spec.meta):
+    record = {"gamma": gammas}
   return adapted, record
+
+
+def _logs_inner_gate(meta: MetaConfig) -> bool:
+  """The gate the step logs is the inner step's: no plain step computes
+  one (the paper's formulation). The released step logs its plain step's
+  gate and returns nothing more from the meta part."""
+  return RULES[meta.mode].learns_gradnet and not meta.plain_step
 
 
 def meta_loss(theta, gnet, frozen: Frozen, x: Inputs, task: Task, spec):
@@ -442,6 +462,8 @@ def meta_loss(theta, gnet, frozen: Frozen, x: Inputs, task: Task, spec):
   record = {}
   if spec.record_intermediates:
     record = {"inner": inner, "adapted": adapted, "query": query}
+  elif inner:  # the inner gate, for the step's log (`_logs_inner_gate`)
+    record = {"gamma": inner["gamma"]}
   return spec.meta.lr_ratio * loss, record
 
 
@@ -528,26 +550,45 @@ def train_step(
     tx_g = spec.optim_gradnet.sgd(lr_g)
     if task is None:
       key = jax.random.fold_in(state.rng, state.step)
-      task = sample_task(key, labels, meta.mixup_alpha, meta.mixup_beta)
+      task = sample_task(
+        key,
+        labels,
+        meta.mixup_alpha,
+        meta.mixup_beta,
+        mixup=meta.task_augmentation,
+      )
+
+    inner_gate = _logs_inner_gate(meta)
 
     def meta_update(operand):
       theta, opt_p, gnet, opt_g = operand
-      loss, _, g_theta, g_phi = meta_gradients(
+      loss, record, g_theta, g_phi = meta_gradients(
         theta, gnet, frozen, x, task, spec
       )
+      # The gate the inner step applied (paper formulation only), before
+      # the gradnet's update.
+      gate = _gamma_stats(record["gamma"]) if inner_gate else {}
       theta, opt_p = _sgd_step(tx_p, g_theta, opt_p, theta)
       gnet, opt_g = _sgd_step(tx_g, g_phi, opt_g, gnet)
       stats = (loss, _tree_norm(g_theta), _tree_norm(g_phi))
-      return (theta, opt_p, gnet, opt_g), tuple(
-        s.astype(jnp.float32) for s in stats
+      return (theta, opt_p, gnet, opt_g), (
+        tuple(s.astype(jnp.float32) for s in stats),
+        gate,
       )
 
     def skip(operand):
       zero = jnp.zeros((), jnp.float32)
-      return operand, (zero, zero, zero)
+      gate = {}
+      if inner_gate:
+        # A single-class batch has no support: the gate is logged on the
+        # whole batch's gradients instead (nothing is updated).
+        theta, _, gnet, _ = operand
+        g_ce, g_reg, _ = gradients(theta, frozen, x, spec)
+        gate = _gamma_stats(rule.direction(g_ce, g_reg, gnet, meta)[1])
+      return operand, ((zero, zero, zero), gate)
 
     operand = (theta, opt_p, gnet, opt_g)
-    (theta, opt_p, gnet, opt_g), (loss, n_theta, n_phi) = jax.lax.cond(
+    (theta, opt_p, gnet, opt_g), ((loss, n_theta, n_phi), gate) = jax.lax.cond(
       task.valid, meta_update, skip, operand
     )
     metrics.update(
@@ -556,6 +597,7 @@ def train_step(
       grad_norm_meta=n_theta,
       grad_norm_gradnet=n_phi,
       meta_valid=task.valid.astype(jnp.float32),
+      **gate,
     )
 
   new_state = state.replace(

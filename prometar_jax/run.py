@@ -8,6 +8,8 @@ leaving a file that lets a later call pick up where this one stopped:
   checkpoints/    orbax, every epoch (and every `checkpoint.every_steps`):
                   a killed run resumes from the latest, bit-identically
   prompts.npz     the learned prompts, written as soon as training ends,
+  gradnet.npz     (with the learned gradnet of a ProMetaR rule: analysis
+                  only, evaluation uses the prompts alone)
   training.json   with the training's record: an evaluation that fails
                   (a broken test image, a full disk) never loses training
   summary.json    accuracies, HM, timings: the run is done; a later call
@@ -53,6 +55,7 @@ from prometar_jax.models import clip as clip_lib
 
 SUMMARY = "summary.json"
 PROMPTS = "prompts.npz"
+GRADNET = "gradnet.npz"
 TRAINING = "training.json"
 
 
@@ -299,10 +302,12 @@ def _finished_training(run_dir, eval_only):
   return checkpoint_lib.load_prompts(paths[0]), fileio.read_json(paths[1])
 
 
-def _save_training(run_dir, params, info) -> None:
-  """prompts.npz and training.json, before any evaluation."""
+def _save_training(run_dir, params, info, gradnet=None) -> None:
+  """prompts.npz (gradnet.npz) and training.json, before any evaluation."""
   if run_dir and metrics.is_main():
     checkpoint_lib.export_prompts(os.path.join(run_dir, PROMPTS), params)
+    if gradnet:
+      checkpoint_lib.export_prompts(os.path.join(run_dir, GRADNET), gradnet)
     fileio.write_json(os.path.join(run_dir, TRAINING), info)
 
 
@@ -375,7 +380,7 @@ def run(
     )
     params = state.prompts
     if not eval_only:
-      _save_training(run_dir, params, info)
+      _save_training(run_dir, params, info, state.gradnet)
 
   t0 = time.time()
   accuracy, num_test, num_classes = {}, {}, {}

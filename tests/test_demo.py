@@ -288,7 +288,7 @@ def test_demo_end_to_end_quick(micro_clip, tmp_path, fast_compile):
     return c
 
   for m, c in run.method_configs(variant("1,2")).items():
-    run._check_workdir(str(tmp_path / "wd" / m), c)
+    run.check_workdir(str(tmp_path / "wd" / m), c)
   with pytest.raises(RunMismatch, match=r"optim\.lr: 0\.0025 \(saved\)"):
     run.run_demo(variant("1", lr=0.001), str(tmp_path / "wd"), progress=False)
 

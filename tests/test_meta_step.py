@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 import torch
+from conftest import fast_compilation
 from reference_data import NPZ_PATH
 
 from prometar_jax import gradnet as gradnet_lib
@@ -429,6 +430,67 @@ def test_sample_task_rules():
     jax.random.key(0), jnp.asarray([2, 2]), 0.5, 0.5
   )
   assert not bool(single.valid)
+
+
+def test_without_task_augmentation_the_query_is_not_mixed():
+  # The "w/o task augmentation" ablation: the same split and partners from
+  # the same key, every lambda 1, so the outer loss is the query's CE.
+  clip, feats, spec, state, batch = setup()
+  labels = batch["label"]
+  key = jax.random.key(3)
+  mixed = meta_step.sample_task(key, labels, 0.5, 0.5)
+  plain = meta_step.sample_task(key, labels, 0.5, 0.5, mixup=False)
+  for f in ("query", "support", "partner", "valid"):
+    np.testing.assert_array_equal(getattr(plain, f), getattr(mixed, f))
+  np.testing.assert_array_equal(plain.lam, np.ones(labels.shape))
+  frozen = meta_step.Frozen(clip, feats)
+  x = inputs(clip, batch)
+  loss, _ = meta_step.query_loss(state.prompts, frozen, x, plain, spec)
+  (ce, _), _ = meta_step.forward(
+    state.prompts, frozen, x.replace(rows=plain.query), spec
+  )
+  np.testing.assert_allclose(loss, ce, rtol=1e-6)
+  # The config switch reaches the step: another outer loss, same rest.
+  off = dataclasses.replace(
+    spec, meta=dataclasses.replace(spec.meta, task_augmentation=False)
+  )
+  with fast_compilation():
+    on_step = meta_step.make_train_step(spec, donate=False)
+    _, m_on = on_step(state, frozen, batch)
+    off_step = meta_step.make_train_step(off, donate=False)
+    _, m_off = off_step(state, frozen, batch)
+  assert float(m_on["loss_ce"]) == float(m_off["loss_ce"])
+  assert float(m_on["loss_meta"]) != float(m_off["loss_meta"])
+
+
+def test_paper_formulation_logs_the_inner_steps_gate():
+  # Without the plain step the only gate is the inner step's: the step
+  # logs its per-layer mean and std, also on a single-class batch.
+  clip, feats, spec, state, batch = setup()
+  paper = dataclasses.replace(
+    spec,
+    meta=dataclasses.replace(spec.meta, plain_step=False, lr_ratio=1.0),
+  )
+  frozen = meta_step.Frozen(clip, feats)
+  with fast_compilation():
+    step = meta_step.make_train_step(paper, donate=False)
+    for labels in ([1, 3, 1, 4], [2, 2, 2, 2]):
+      b = dict(batch, label=jnp.asarray(labels, jnp.int32))
+      _, m = step(state, frozen, b)
+      assert float(m["meta_valid"]) == float(len(set(labels)) > 1)
+      assert m["gamma_text_mean"].shape == (2,)
+      assert m["gamma_vision_std"].shape == (1,)
+      g = np.asarray(m["gamma_text_mean"])
+      assert ((g > 0) & (g < 1)).all()
+    # The released step's metrics are those of its plain step, as before.
+    released = meta_step.make_train_step(spec, donate=False)
+    _, m = released(state, frozen, batch)
+  assert sorted(k for k in m if k.startswith("gamma_")) == [
+    "gamma_text_mean",
+    "gamma_text_std",
+    "gamma_vision_mean",
+    "gamma_vision_std",
+  ]
 
 
 def test_plain_rule_takes_one_backward_pass_and_no_gradnet():
