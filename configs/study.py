@@ -136,6 +136,9 @@ def get_config(arg=None):
   config.driver = DRIVER
   config.study = dict(
     arms=tuple(ARMS),
+    # Jobs trained at once (threads). 1 when a crash inside XLA's compiler
+    # with two lanes compiling at once must be ruled out (docs/study.md).
+    lanes=2,
     reference=REFERENCE,
     shots=shots,
     # Paired differences: 95% intervals, the bootstrap's draws and seed.

@@ -59,6 +59,7 @@ IGNORED = (
   "demo.methods",
   "demo.sweep",
   "demo.cache",
+  "study.lanes",  # how many runs train at once
 )
 
 

@@ -137,8 +137,9 @@ def plan_estimate(config) -> float:
   return sum(j.estimate for j in jobs) / 2 + alignment_estimate(config)
 
 
-def _train_jobs(jobs, train_args, progress) -> dict:
-  """{(arm, shots): (summaries, wall seconds)}, two lanes, longest first."""
+def _train_jobs(jobs, train_args, progress, lanes: int) -> dict:
+  """{(arm, shots): (summaries, wall seconds)}, `lanes` at once, longest
+  first."""
   # transformers resolves its names lazily; two threads resolving the same
   # one at once can fail (demo/run.py).
   from transformers import CLIPConfig, CLIPTokenizer  # noqa: F401
@@ -161,7 +162,7 @@ def _train_jobs(jobs, train_args, progress) -> dict:
     return runs, time.time() - t
 
   out = {}
-  pool = concurrent.futures.ThreadPoolExecutor(2, "study-lane")
+  pool = concurrent.futures.ThreadPoolExecutor(lanes, "study-lane")
   try:
     order = sorted(jobs, key=lambda j: -j.estimate)
     futures = {pool.submit(one, j): j for j in order}
@@ -351,7 +352,7 @@ def _run_study(config, workdir, progress, train_args) -> dict:
     progress=progress,
   )
   seconds = {"assets": time.time() - t0}
-  done = _train_jobs(first, train_args, progress)
+  done = _train_jobs(first, train_args, progress, config.study.lanes)
   table = analysis.study_table(
     {j.arm: _scores(done[(j.arm, j.shots)][0], config) for j in first},
     study_config.REFERENCE,
@@ -364,7 +365,7 @@ def _run_study(config, workdir, progress, train_args) -> dict:
   )
   second = second_jobs(config, workdir, choice["chosen"])
   _check(second, train_args)
-  done.update(_train_jobs(second, train_args, progress))
+  done.update(_train_jobs(second, train_args, progress, config.study.lanes))
   jobs = first + second
   seconds["jobs"] = {
     f"{j.arm}/shots{j.shots}": done[(j.arm, j.shots)][1] for j in jobs

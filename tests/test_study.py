@@ -201,6 +201,9 @@ def test_study_end_to_end_quick(micro_clip, tmp_path, fast_compile):  # noqa: F8
   )
   config = _small(config, micro_clip[0])
   assert config.study.shots == (1, 2)
+  # One lane: XLA's CPU compiler once crashed (SIGSEGV) here with two lanes
+  # compiling at once (docs/study.md, "Budget").
+  config.study.lanes = 1
   wd = str(tmp_path / "wd")
   out = study_run.run_study(config, wd, progress=False)
   chosen = out["choice"]["chosen"]
