@@ -90,6 +90,16 @@ def check_workdir(path: str, config) -> None:
     raise identity.mismatch_error([identity.describe(path, diff)])
 
 
+def use_compilation_cache(cache: str) -> None:
+  """JAX's persistent compilation cache in `cache`/jax_cache, unless set."""
+  import jax
+
+  if not jax.config.jax_compilation_cache_dir:
+    jax.config.update(
+      "jax_compilation_cache_dir", os.path.join(cache, "jax_cache")
+    )
+
+
 def combine(runs: Mapping[str, Sequence[Mapping]]) -> dict:
   """Per-method base-to-new tables side by side, with demo names.
 
@@ -345,13 +355,7 @@ def run_and_print(
   one-seed one, reuse the compiled steps), then the table and the
   timings on stdout.
   """
-  import jax
-
-  if not jax.config.jax_compilation_cache_dir:
-    jax.config.update(
-      "jax_compilation_cache_dir",
-      os.path.join(config.demo.cache, "jax_cache"),
-    )
+  use_compilation_cache(config.demo.cache)
   t0 = time.time()
   print(_header(config, workdir), flush=True)
   # Warnings only until run_demo holds the workdir and opens its log (JAX

@@ -572,13 +572,7 @@ def run_and_print(
   config, workdir: str, archive_old_runs=False, eval_only=False
 ) -> dict:
   """configs/study.py's driver, which launch.py calls."""
-  import jax
-
-  if not jax.config.jax_compilation_cache_dir:
-    jax.config.update(
-      "jax_compilation_cache_dir",
-      os.path.join(config.demo.cache, "jax_cache"),
-    )
+  demo_run.use_compilation_cache(config.demo.cache)
   t0 = time.time()
   print(_header(config, workdir), flush=True)
   logging.set_verbosity(logging.WARNING)
