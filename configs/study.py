@@ -136,8 +136,8 @@ def get_config(arg=None):
   config.driver = DRIVER
   config.study = dict(
     arms=tuple(ARMS),
-    # Jobs trained at once (threads). 1 when a crash inside XLA's compiler
-    # with two lanes compiling at once must be ruled out (docs/study.md).
+    # Jobs trained at once (threads); 1 trains in the calling thread, one
+    # job after another.
     lanes=2,
     reference=REFERENCE,
     shots=shots,

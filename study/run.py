@@ -161,10 +161,12 @@ def _train_jobs(jobs, train_args, progress, lanes: int) -> dict:
     )
     return runs, time.time() - t
 
+  order = sorted(jobs, key=lambda j: -j.estimate)
+  if lanes == 1:  # in the calling thread, one job after another
+    return {(j.arm, j.shots): one(j) for j in order}
   out = {}
   pool = concurrent.futures.ThreadPoolExecutor(lanes, "study-lane")
   try:
-    order = sorted(jobs, key=lambda j: -j.estimate)
     futures = {pool.submit(one, j): j for j in order}
     for f in concurrent.futures.as_completed(futures):
       j = futures[f]

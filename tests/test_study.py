@@ -9,12 +9,12 @@ epoch of 1 and 2 shots, every arm, the alignment on 4 splits.
 import json
 import math
 import os
+import sys
 
 import jax
 import numpy as np
 import pytest
 import train_testlib  # noqa: F401  (puts the repo root on sys.path)
-from conftest import fast_compilation
 from test_demo import SMALL, micro_clip  # noqa: F401  (a fixture)
 
 from configs import study as study_config
@@ -188,29 +188,34 @@ def test_arms_share_seeds_and_differ_only_in_the_scheme(micro_clip):  # noqa: F8
     jax.tree.map(np.testing.assert_array_equal, p, inits["ivlp"])
 
 
-@pytest.fixture
-def fast_compile():
-  with fast_compilation():
-    yield
-
-
-@pytest.mark.skip(
-  reason="dies with SIGSEGV inside XLA's CPU compiler when run in the full "
-  "suite (twice, with one and two lanes); docs/study.md, known issue. Run "
-  "alone: python -m pytest tests/test_study.py -k end_to_end"
-)
-def test_study_end_to_end_quick(micro_clip, tmp_path, fast_compile):  # noqa: F811
+def test_study_end_to_end_quick(micro_clip, tmp_path):  # noqa: F811
+  # The command a user types, in its own process (as the training-system
+  # tests run launch.py): the driver at the CI size, one lane.
   cache = str(tmp_path / "cache")
-  config = study_config.get_config(
-    f"quick,seeds=1,2,dataset=colours,splits=4,cache={cache}"
-  )
-  config = _small(config, micro_clip[0])
+  arg = f"quick,seeds=1,2,dataset=colours,splits=4,cache={cache}"
+  config = _small(study_config.get_config(arg), micro_clip[0])
   assert config.study.shots == (1, 2)
-  # One lane: XLA's CPU compiler once crashed (SIGSEGV) here with two lanes
-  # compiling at once (docs/study.md, "Budget").
-  config.study.lanes = 1
   wd = str(tmp_path / "wd")
-  out = study_run.run_study(config, wd, progress=False)
+  env = train_testlib.env({"cache": str(tmp_path / "jax_cache")})
+  proc = train_testlib.run(
+    [
+      sys.executable,
+      str(train_testlib.REPO / "launch.py"),
+      f"--config={train_testlib.REPO / 'configs' / 'study.py'}:{arg}",
+      f"--workdir={wd}",
+      f"--config.model.name={micro_clip[0]}",
+      f"--config.demo.per_class={SMALL}",
+      "--config.eval.batch_size=32",
+      "--config.study.lanes=1",
+      "--config.progress_bar=False",
+    ],
+    env,
+    timeout=900,
+  )
+  assert proc.returncode == 0, train_testlib.tail(proc)
+  assert "Total" in proc.stdout, train_testlib.tail(proc)
+  with open(os.path.join(wd, study_run.RESULTS_JSON)) as f:
+    out = json.load(f)
   chosen = out["choice"]["chosen"]
   assert chosen in study_config.BEHAVIOURS
   # Every arm at 2 shots, and the sweep of IVLP vs the chosen behaviour.
