@@ -90,14 +90,25 @@ def check_workdir(path: str, config) -> None:
     raise identity.mismatch_error([identity.describe(path, diff)])
 
 
-def use_compilation_cache(cache: str) -> None:
-  """JAX's persistent compilation cache in `cache`/jax_cache, unless set."""
+def start_quiet_job(cache: str, header: str) -> float:
+  """The start of a driver's job (the demo's, the study's); returns its
+  start time.
+
+  JAX's persistent compilation cache in `cache`/jax_cache unless one is
+  set (reruns reuse the compiled steps), the job's header line, and
+  warnings-only logging until the job holds its workdir and opens its log
+  (JAX logs its backends' start at INFO when the lock is taken).
+  """
   import jax
 
   if not jax.config.jax_compilation_cache_dir:
     jax.config.update(
       "jax_compilation_cache_dir", os.path.join(cache, "jax_cache")
     )
+  t0 = time.time()
+  print(header, flush=True)
+  logging.set_verbosity(logging.WARNING)
+  return t0
 
 
 def combine(runs: Mapping[str, Sequence[Mapping]]) -> dict:
@@ -355,12 +366,7 @@ def run_and_print(
   one-seed one, reuse the compiled steps), then the table and the
   timings on stdout.
   """
-  use_compilation_cache(config.demo.cache)
-  t0 = time.time()
-  print(_header(config, workdir), flush=True)
-  # Warnings only until run_demo holds the workdir and opens its log (JAX
-  # logs its backends' start at INFO when the lock is taken).
-  logging.set_verbosity(logging.WARNING)
+  t0 = start_quiet_job(config.demo.cache, _header(config, workdir))
   out = run_demo(
     config,
     workdir,

@@ -574,10 +574,7 @@ def run_and_print(
   config, workdir: str, archive_old_runs=False, eval_only=False
 ) -> dict:
   """configs/study.py's driver, which launch.py calls."""
-  demo_run.use_compilation_cache(config.demo.cache)
-  t0 = time.time()
-  print(_header(config, workdir), flush=True)
-  logging.set_verbosity(logging.WARNING)
+  t0 = demo_run.start_quiet_job(config.demo.cache, _header(config, workdir))
   out = run_study(
     config,
     workdir,
