@@ -136,9 +136,8 @@ def to_hf_state_dict(params: PyTree, cfg: clip_lib.ClipConfig) -> dict:
     put(prefix + ".bias", p["bias"])
 
   def encoder(prefix, p, layers):
-    stacked = p["layers"]
     for i in range(layers):
-      layer = jax.tree.map(lambda x, i=i: np.asarray(x)[i], stacked)
+      layer = jax.tree.map(np.asarray, clip_lib.encoder_layer(p, i))
       q = f"{prefix}.encoder.layers.{i}"
       for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
         dense(f"{q}.self_attn.{name}", layer["self_attn"][name])

@@ -176,12 +176,11 @@ def _numpy_vision(params, cfg, pixels, prompts):
     [x, np.broadcast_to(prompts[0], (n,) + prompts[0].shape)], 1
   )
   x = _np_ln(x, vm["pre_layrnorm"])
-  layers = vm["encoder"]["layers"]
   for i in range(cfg.vision.layers):
     if 0 < i < prompts.shape[0]:
       x = x.copy()
       x[:, -n_ctx:] = prompts[i]
-    layer = jax.tree.map(lambda t, i=i: t[i], layers)
+    layer = clip_lib.encoder_layer(vm["encoder"], i)
     x = _np_block(x, layer, cfg.vision.heads, cfg.vision.act)
   pooled = _np_ln(x[:, 0], vm["post_layernorm"])
   return pooled @ params["visual_projection"]["kernel"]
@@ -339,9 +338,9 @@ def _full_layers_then_pool(clip, tower, x, deep, replace, pool, causal, rows):
   """Every block over every row, then the pooled rows: the plain tower."""
   cfg = getattr(clip.config, tower)
   block = clip_lib.Block(cfg, causal, rows, clip.dtype, parent=None)
-  stacked = clip.params[f"{tower}_model"]["encoder"]["layers"]
+  encoder = clip.params[f"{tower}_model"]["encoder"]
   for i in range(cfg.layers):
-    p = jax.tree.map(lambda a: a[i], stacked)  # noqa: B023
+    p = clip_lib.encoder_layer(encoder, i)
     x, _ = block.apply({"params": p}, x, (deep[i], replace[i]))
   return x[np.arange(x.shape[0]), pool]
 

@@ -233,9 +233,11 @@ class Encoder(nn.Module):
 
   Returns the outputs of the `pool` rows only ([N, D]: CLS, EOT), which is
   all a tower reads: the last layer computes attention queries and the MLP
-  for those rows alone (about 7% of a tower's work, exactly). The layer
-  parameters are stacked (layer = leading axis, as `nn.scan` creates them
-  at init); the first `layers - 1` blocks are scanned over them.
+  for those rows alone (about 7% of a tower's work, exactly). The parameters
+  mirror that split: "layers" holds the first `layers - 1` blocks stacked
+  (layer = leading axis, as `nn.scan` creates them; a `lax.scan` runs over
+  them) and "last_layer" the pooled block. Stored apart, the step never
+  slices the stack, which would copy every layer's weights each call.
   """
 
   cfg: TowerConfig
@@ -247,32 +249,42 @@ class Encoder(nn.Module):
   @nn.compact
   def __call__(self, x, deep_prompts, replace, pool):
     args = (self.cfg, self.causal, self.prompt_rows, self.dtype)
-    if self.is_initializing():  # creates the stacked "layers" parameters
+    head_inputs = (deep_prompts[:-1], replace[:-1])
+    last_inputs = (deep_prompts[-1], replace[-1])
+    if self.is_initializing():  # creates "layers" (stacked) and "last_layer"
       scanned = nn.scan(
         Block,
         variable_axes={"params": 0},
         split_rngs={"params": True},
         in_axes=0,
-        length=self.cfg.layers,
+        length=self.cfg.layers - 1,
       )
-      x, _ = scanned(*args, name="layers")(x, (deep_prompts, replace))
-      return _rows(x, pool)
-    stacked = self.variables["params"]["layers"]
+      x, _ = scanned(*args, name="layers")(x, head_inputs)
+      out, _ = Block(*args, name="last_layer")(x, last_inputs, pool)
+      return out[:, 0]
+    params = self.variables["params"]
     block = Block(*args, parent=None)
 
     def layer(x, inputs):
-      params, prompt, flag = inputs
-      return block.apply({"params": params}, x, (prompt, flag))
+      layer_params, prompt, flag = inputs
+      return block.apply({"params": layer_params}, x, (prompt, flag))
 
     if self.remat:
       layer = jax.checkpoint(layer, prevent_cse=False)
-    head = jax.tree.map(lambda a: a[:-1], stacked)
-    x, _ = jax.lax.scan(layer, x, (head, deep_prompts[:-1], replace[:-1]))
-    last = jax.tree.map(lambda a: a[-1], stacked)
-    out, _ = block.apply(
-      {"params": last}, x, (deep_prompts[-1], replace[-1]), pool
-    )
+    x, _ = jax.lax.scan(layer, x, (params["layers"], *head_inputs))
+    out, _ = block.apply({"params": params["last_layer"]}, x, last_inputs, pool)
     return out[:, 0]
+
+
+def encoder_layer(encoder_params: PyTree, i: int) -> PyTree:
+  """Block i's parameters (0 <= i < layers) from an encoder's parameters."""
+  head = encoder_params["layers"]
+  n_head = jax.tree.leaves(head)[0].shape[0]
+  if i == n_head:
+    return encoder_params["last_layer"]
+  if not 0 <= i < n_head:
+    raise IndexError(f"layer {i} of an encoder with {n_head + 1} layers")
+  return jax.tree.map(lambda a: a[i], head)
 
 
 def _deep_prompt_schedule(prompts, layers: int, width: int):
@@ -559,8 +571,13 @@ def convert_hf_state_dict(
           "fc2": dense(f"{p}.mlp.fc2"),
         }
       )
-    stacked = jax.tree.map(lambda *xs: np.stack(xs), *per_layer)
-    return {"layers": stacked}
+    # The first layers - 1 stacked, the last apart (see `Encoder`).
+    stacked = jax.tree.map(
+      lambda last, *head: np.stack(head) if head else np.zeros((0,) + last.shape, last.dtype),
+      per_layer[-1],
+      *per_layer[:-1],
+    )
+    return {"layers": stacked, "last_layer": per_layer[-1]}
 
   patch = take("vision_model.embeddings.patch_embedding.weight")
   params = {
