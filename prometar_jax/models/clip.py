@@ -573,7 +573,9 @@ def convert_hf_state_dict(
       )
     # The first layers - 1 stacked, the last apart (see `Encoder`).
     stacked = jax.tree.map(
-      lambda last, *head: np.stack(head) if head else np.zeros((0,) + last.shape, last.dtype),
+      lambda last, *head: (
+        np.stack(head) if head else np.zeros((0,) + last.shape, last.dtype)
+      ),
       per_layer[-1],
       *per_layer[:-1],
     )
