@@ -33,5 +33,7 @@ def class_features(
     "class_mask": np.ones(len(ids), bool),
   }
   if text_buckets > 1 and multiple == 1:
-    feats["token_ids"] = pl.bucket_token_ids(ids, text_buckets)
+    feats["token_ids"] = pl.bucket_token_ids(
+      ids, text_buckets, shared_rows=pl.shared_prompt_rows(spec.prompt)
+    )
   return sharding_lib.put_class_features(feats, mesh, shard_classes, multiple)

@@ -331,7 +331,7 @@ def test_truncated_text_tower_equals_full_77_tokens(hf_clips):
     for p in (None, prompts):
       full = clip.encode_text(ids, p)
       short = clip.encode_text(trimmed, p)
-      np.testing.assert_allclose(short, full, atol=1e-6, rtol=0)
+      np.testing.assert_allclose(short, full, atol=1e-6, rtol=1e-6)
 
 
 def _full_layers_then_pool(clip, tower, x, deep, replace, pool, causal, rows):
@@ -376,6 +376,98 @@ def test_last_layer_on_pooled_rows_equals_full_last_layer(hf_clips):
       assert np.abs(np.asarray(moved - ours)).max() > 1e-3
   finally:
     jax.config.update("jax_enable_x64", False)
+
+
+def _plain_prompted_text(clip, ids, prompts):
+  """The prompted text tower with every block over every row (float64)."""
+  cfg, tc = clip.config, clip.config.text
+  tp = clip.params["text_model"]
+  n, length = ids.shape
+  n_ctx = prompts.shape[1]
+  x = np.asarray(tp["token_embedding"]["embedding"])[ids]
+  x[:, 1 : 1 + n_ctx] = prompts[0]
+  x = jnp.asarray(x + np.asarray(tp["position_embedding"])[:length])
+  deep, replace = clip_lib._deep_prompt_schedule(
+    jnp.asarray(prompts), tc.layers, tc.width
+  )
+  eot = np.argmax(ids == cfg.eos_token_id, 1)
+  x = _full_layers_then_pool(
+    clip, "text", x, deep, replace, eot, True, (1, n_ctx)
+  )
+  x = clip_lib.LayerNorm(tc.eps, jnp.float64).apply(
+    {"params": tp["final_layer_norm"]}, x
+  )
+  return x @ clip.params["text_projection"]["kernel"]
+
+
+def test_prompted_text_over_shared_prefix_equals_every_row(hf_clips):
+  """SOT and the context rows computed once for all sequences (float64)."""
+  jax.config.update("jax_enable_x64", True)
+  try:
+    for name in ("p8_quickgelu", "p16_gelu_4heads"):  # 2 and 3 text layers
+      folder, _ = hf_clips[name]
+      clip = clip_lib.load(folder, dtype=jnp.float64)
+      tc = clip.config.text
+      rng = np.random.default_rng(13)
+      ids = random_token_ids(rng, 7, clip.config.eos_token_id, length=24)
+      n_ctx = 3
+      # Sequence 5's EOT falls among the context rows (position 2): it
+      # pools a shared row, as the full tower does.
+      ids[5] = 0
+      ids[5, 0], ids[5, 1], ids[5, 2] = ids[0, 0], 7, clip.config.eos_token_id
+      # Deep prompts at every layer, the last included.
+      prompts = rng.normal(0, 0.3, (tc.layers, n_ctx, tc.width))
+      ours = np.asarray(clip.encode_text(ids, prompts))
+      want = np.asarray(_plain_prompted_text(clip, ids, prompts))
+      assert ours.shape == (7, clip.config.projection_dim)
+      np.testing.assert_allclose(ours, want, rtol=1e-12, atol=1e-12)
+      # The shared rows matter: another deep prompt moves every feature.
+      other = prompts.copy()
+      other[tc.layers - 1, 1] += rng.normal(size=tc.width)  # not constant:
+      # LayerNorm would remove that
+      moved = np.asarray(clip.encode_text(ids, other))
+      assert np.abs(moved - ours).max(1).min() > 1e-4
+  finally:
+    jax.config.update("jax_enable_x64", False)
+
+
+def test_prompted_text_refuses_sequences_with_another_start(hf_clips):
+  folder, _ = hf_clips["p8_quickgelu"]
+  clip = clip_lib.load(folder)
+  rng = np.random.default_rng(2)
+  ids = random_token_ids(rng, 4, clip.config.eos_token_id, length=24)
+  prompts = rng.normal(0, 0.3, (1, 2, clip.config.text.width))
+  ids[2, 0] = ids[0, 0] - 1
+  with pytest.raises(ValueError, match="sequence 2 starts with"):
+    clip.encode_text(ids, prompts)
+  # Without prompts nothing is shared: any ids are fine.
+  assert np.isfinite(clip.encode_text(ids)).all()
+  # Traced (no check possible): that sequence's features are NaN, the
+  # others the same as without it.
+  fn = jax.jit(clip_lib.encode_text, static_argnames=("cfg",))
+  out = np.asarray(fn(clip.params, ids, prompts, cfg=clip.config))
+  assert np.isnan(out[2]).all()
+  keep = [0, 1, 3]
+  clean = np.asarray(clip.encode_text(ids[keep], prompts))
+  np.testing.assert_allclose(out[keep], clean, atol=1e-6, rtol=1e-6)
+
+
+def test_length_groups_count_the_shared_prefix_once():
+  from prometar_jax import prompt_learners as pl
+
+  ids = np.zeros((10, 77), np.int64)
+  ids[:, 0] = 98
+  for c in range(10):
+    ids[c, 1 + (6 if c < 9 else 8)] = 99  # lengths 8 (x9) and 10
+  # All positions: 100 in one group, 9 x 8 + 10 = 82 in two: not a fifth
+  # less, one group.
+  assert pl.bucket_token_ids(ids, 2).shape == (10, 10)
+  # Without the 5 shared rows: 50 -> 9 x 3 + 5 = 32 rows: two groups.
+  grouped = pl.bucket_token_ids(ids, 2, shared_rows=5)
+  assert [b.shape for b in grouped["buckets"]] == [(9, 8), (1, 10)]
+  ivlp = pl.PromptConfig(kind="ivlp", n_ctx_text=4)
+  assert pl.shared_prompt_rows(ivlp) == 5
+  assert pl.shared_prompt_rows(pl.PromptConfig(kind="vpt")) == 0
 
 
 def test_text_in_length_groups_equals_one_trim_and_full_77(hf_clips):

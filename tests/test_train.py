@@ -279,7 +279,7 @@ def test_pad_classes_pads_each_length_group():
   ids[:, 0] = 98
   for c, k in enumerate([1, 2, 20, 1, 3]):
     ids[c, 1 + k] = 99
-  grouped = pl.bucket_token_ids(ids, max_buckets=2)
+  grouped = pl.bucket_token_ids(ids, max_buckets=2, multiple=8)
   assert [b.shape for b in grouped["buckets"]] == [(4, 8), (1, 24)]
   feats = {"token_ids": grouped, "class_mask": np.ones(5, bool)}
   out = sharding.pad_classes(feats, 4)

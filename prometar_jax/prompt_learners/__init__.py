@@ -46,6 +46,7 @@ from prometar_jax.prompt_learners.text import (
   prompt_length,
   prompt_lengths,
   prompt_prefix,
+  shared_prompt_rows,
   text_context,
   trim_token_ids,
 )
@@ -69,6 +70,7 @@ __all__ = [
   "prompt_length",
   "prompt_lengths",
   "prompt_prefix",
+  "shared_prompt_rows",
   "PROMPT_BRANCHES",
   "PromptConfig",
   "random_prompts",

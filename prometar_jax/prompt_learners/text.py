@@ -102,7 +102,10 @@ def trim_token_ids(token_ids: np.ndarray, multiple: int = 1) -> np.ndarray:
 
 
 def bucket_token_ids(
-  token_ids: np.ndarray, max_buckets: int = 2, multiple: int = 8
+  token_ids: np.ndarray,
+  max_buckets: int = 2,
+  multiple: int = 1,
+  shared_rows: int = 0,
 ):
   """Class prompts in groups of similar length, each trimmed to its longest.
 
@@ -116,6 +119,9 @@ def bucket_token_ids(
     token_ids: [C, L] class prompt ids.
     max_buckets: at most this many groups (1: the trimmed ids, unchanged).
     multiple: round each group's length up to a multiple of this.
+    shared_rows: leading positions every prompt shares (SOT and a learned
+      context: `shared_prompt_rows`), which the prompted text tower
+      computes once for all classes; they are not counted per class.
 
   Returns:
     The trimmed [C, L'] array when one group is best; otherwise
@@ -133,11 +139,12 @@ def bucket_token_ids(
   n = len(values)
   best = np.full((max_buckets, n), float("inf"))
   cut = np.zeros((max_buckets, n), int)
-  best[0] = upto * values
+  per_class = np.maximum(values - shared_rows, 1)
+  best[0] = upto * per_class
   for k in range(1, max_buckets):
     for j in range(n):
       for i in range(j):  # the last group holds values[i + 1 : j + 1]
-        cost = best[k - 1, i] + (upto[j] - upto[i]) * values[j]
+        cost = best[k - 1, i] + (upto[j] - upto[i]) * per_class[j]
         if cost < best[k, j]:
           best[k, j], cut[k, j] = cost, i
   groups = 1
@@ -161,6 +168,14 @@ def bucket_token_ids(
   order = np.empty(len(ids), np.int32)
   order[np.concatenate(rows)] = np.arange(len(ids), dtype=np.int32)
   return {"buckets": tuple(buckets), "order": order}
+
+
+def shared_prompt_rows(config: PromptConfig) -> int:
+  """Leading class-prompt positions the text tower shares across classes:
+  SOT and the learned context (none without a text branch)."""
+  if "text" not in config.learner.branches:
+    return 0
+  return 1 + config.n_ctx_text
 
 
 def encode_text(clip: clip_lib.CLIP, token_ids, text_prompts):
