@@ -45,9 +45,14 @@ from prometar_jax import meta_step
 from prometar_jax import prompt_learners as pl
 
 try:
-  from benchmarks.step import realistic_prompt_ids, step_inputs, text_groups
+  from benchmarks.step import (
+    SHARED,
+    realistic_prompt_ids,
+    step_inputs,
+    text_groups,
+  )
 except ImportError:  # run as a script from benchmarks/
-  from step import realistic_prompt_ids, step_inputs, text_groups
+  from step import SHARED, realistic_prompt_ids, step_inputs, text_groups
 
 
 def all_rows(task):
@@ -74,6 +79,27 @@ def clip_module_at(rev: str):
   return module
 
 
+def revision_layout(towers, params):
+  """`params` as REV's towers read them: before the last layer was stored
+  apart ("last_layer"), each encoder held one stack of every layer."""
+  if hasattr(towers, "encoder_layer"):
+    return params
+
+  def merged(encoder):
+    return {
+      "layers": jax.tree.map(
+        lambda head, last: jnp.concatenate([head, last[None]]),
+        encoder["layers"],
+        encoder["last_layer"],
+      )
+    }
+
+  out = dict(params)
+  for tower in ("vision_model", "text_model"):
+    out[tower] = dict(params[tower], encoder=merged(params[tower]["encoder"]))
+  return out
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--classes", type=int, default=10)
@@ -83,7 +109,7 @@ def main():
   args = ap.parse_args()
 
   raw = realistic_prompt_ids(args.classes)
-  grouped = pl.bucket_token_ids(raw, 2)
+  grouped = pl.bucket_token_ids(raw, 2, shared_rows=SHARED)
   current = meta_step.support_slots
   known = {
     "one_trim": (pl.trim_token_ids(raw, multiple=8), all_rows, None),
@@ -101,7 +127,8 @@ def main():
     frozen, spec, state, batch = step_inputs(args.classes, ids)
     if towers is not None:  # the same weights through REV's tower code
       clip = frozen.clip
-      clip = towers.CLIP(towers.VIT_B16, clip.params, dtype=clip.dtype)
+      params = revision_layout(towers, clip.params)
+      clip = towers.CLIP(towers.VIT_B16, params, dtype=clip.dtype)
       frozen = frozen.replace(clip=clip)
     args_ = (state, frozen, batch)
     step = jax.jit(functools.partial(meta_step.train_step, spec=spec))

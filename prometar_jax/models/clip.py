@@ -159,9 +159,9 @@ def _rows(x: Array, index: Array) -> Array:
 def _heads_major(x: Array, heads: int) -> Array:
   """[..., L, d] -> [..., heads, L, d / heads].
 
-  Heads before rows: each head's rows are contiguous, which XLA's CPU
-  matmuls take 1.1-1.3x faster than the rows-major layout in attention
-  (`docs/performance.md`).
+  Heads before rows: each head's rows are contiguous. XLA's CPU backend
+  runs attention's batched matmuls far slower on the rows-major layout
+  (an attention block 1.3x slower forward; `docs/performance.md`).
   """
   *lead, length, d = x.shape
   x = x.reshape(*lead, length, heads, d // heads)
