@@ -924,6 +924,8 @@ def _check_shared_start(token_ids) -> None:
   under jit a sequence that does not gets NaN features instead."""
   if isinstance(token_ids, jax.core.Tracer):
     return
+  if isinstance(token_ids, jax.Array) and not token_ids.is_fully_addressable:
+    return  # rows on other hosts: left to the NaN guard under jit
   ids = np.asarray(token_ids)
   odd = np.flatnonzero(ids[:, 0] != ids[0, 0])
   if odd.size:
