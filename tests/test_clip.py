@@ -461,9 +461,9 @@ def test_length_groups_count_the_shared_prefix_once():
     ids[c, 1 + (6 if c < 9 else 8)] = 99  # lengths 8 (x9) and 10
   # All positions: 100 in one group, 9 x 8 + 10 = 82 in two: not a fifth
   # less, one group.
-  assert pl.bucket_token_ids(ids, 2).shape == (10, 10)
+  assert pl.bucket_token_ids(ids, 2, multiple=1).shape == (10, 10)
   # Without the 5 shared rows: 50 -> 9 x 3 + 5 = 32 rows: two groups.
-  grouped = pl.bucket_token_ids(ids, 2, shared_rows=5)
+  grouped = pl.bucket_token_ids(ids, 2, multiple=1, shared_rows=5)
   assert [b.shape for b in grouped["buckets"]] == [(9, 8), (1, 10)]
   ivlp = pl.PromptConfig(kind="ivlp", n_ctx_text=4)
   assert pl.shared_prompt_rows(ivlp) == 5
