@@ -133,10 +133,25 @@ def pad_classes(feats: dict[str, np.ndarray], multiple: int) -> dict:
       buckets = tuple(
         pad(b, round_up(len(b), multiple) - len(b), True) for b in v["buckets"]
       )
-      out[k] = {"buckets": buckets, "order": pad(v["order"], extra, False)}
+      out[k] = {
+        "buckets": buckets,
+        "order": pad(_padded_order(v, buckets), extra, False),
+      }
     else:
       out[k] = pad(v, extra, k == "token_ids")
   return out
+
+
+def _padded_order(grouped: dict, padded_buckets) -> np.ndarray:
+  """`order` re-pointed at the padded groups: a group's padding shifts the
+  rows of every later group in the concatenation."""
+  sizes = np.array([len(b) for b in grouped["buckets"]])
+  padded = np.array([len(b) for b in padded_buckets])
+  order = np.asarray(grouped["order"])
+  group = np.searchsorted(np.cumsum(sizes), order, side="right")
+  old_start = np.cumsum(sizes) - sizes
+  new_start = np.cumsum(padded) - padded
+  return (order - old_start[group] + new_start[group]).astype(order.dtype)
 
 
 def class_sharding(mesh: Mesh, shard_classes: bool) -> NamedSharding:

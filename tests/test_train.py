@@ -296,6 +296,24 @@ def test_pad_classes_pads_each_length_group():
   assert put["token_ids"]["order"].shape == (sharding.round_up(5, mesh.size),)
 
 
+def test_pad_classes_repoints_order_past_padded_groups():
+  """Padding an earlier group shifts the later groups' rows (hand-derived)."""
+  ids = np.zeros((3, 77), np.int32)
+  ids[:, 0] = 98
+  for c, k in enumerate([3, 3, 12]):
+    ids[c, 1 + k] = 99
+  grouped = pl.bucket_token_ids(ids, max_buckets=2, multiple=8)
+  assert [b.shape for b in grouped["buckets"]] == [(2, 8), (1, 16)]
+  feats = {"token_ids": grouped, "class_mask": np.ones(3, bool)}
+  out = sharding.pad_classes(feats, 4)["token_ids"]
+  assert [b.shape for b in out["buckets"]] == [(4, 8), (4, 16)]
+  # Concatenated: group 0 is rows 0-3 (classes 0, 1, two pads), group 1
+  # rows 4-7: class 2 is row 4 (it was row 2 before the padding).
+  np.testing.assert_array_equal(out["order"], [0, 1, 4, 0])
+  rows = np.concatenate([b[:, :8] for b in out["buckets"]])
+  np.testing.assert_array_equal(rows[out["order"][:3]], ids[:, :8])
+
+
 def test_batch_layout_replicates_indivisible_batches():
   mesh = sharding.make_mesh(-1)
   assert sharding.batch_layout(4 * mesh.size, mesh).sharded

@@ -104,7 +104,7 @@ def trim_token_ids(token_ids: np.ndarray, multiple: int = 1) -> np.ndarray:
 def bucket_token_ids(
   token_ids: np.ndarray,
   max_buckets: int = 2,
-  multiple: int = 8,
+  multiple: int = 1,
   shared_rows: int = 0,
 ):
   """Class prompts in groups of similar length, each trimmed to its longest.
