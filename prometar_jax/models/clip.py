@@ -269,9 +269,9 @@ class Encoder(nn.Module):
   @nn.compact
   def __call__(self, x, deep_prompts, replace, pool):
     args = (self.cfg, self.causal, self.prompt_rows, self.dtype)
-    head_inputs = (deep_prompts[:-1], replace[:-1])
-    last_inputs = (deep_prompts[-1], replace[-1])
     if self.is_initializing():  # creates "layers" (stacked) and "last_layer"
+      head_inputs = (deep_prompts[:-1], replace[:-1])
+      last_inputs = (deep_prompts[-1], replace[-1])
       scanned = nn.scan(
         Block,
         variable_axes={"params": 0},
@@ -282,18 +282,36 @@ class Encoder(nn.Module):
       x, _ = scanned(*args, name="layers")(x, head_inputs)
       out, _ = Block(*args, name="last_layer")(x, last_inputs, pool)
       return out[:, 0]
-    params = self.variables["params"]
     block = Block(*args, parent=None)
-
-    def layer(x, inputs):
-      layer_params, prompt, flag = inputs
-      return block.apply({"params": layer_params}, x, (prompt, flag))
-
-    if self.remat:
-      layer = jax.checkpoint(layer, prevent_cse=False)
-    x, _ = jax.lax.scan(layer, x, (params["layers"], *head_inputs))
-    out, _ = block.apply({"params": params["last_layer"]}, x, last_inputs, pool)
+    out = _through_layers(
+      block,
+      self.variables["params"],
+      x,
+      deep_prompts,
+      replace,
+      pool,
+      self.remat,
+    )
     return out[:, 0]
+
+
+def _through_layers(block, params, carry, deep_prompts, replace, pool, remat):
+  """The layer loop of `Encoder` and `PrefixEncoder` (`block`: a `Block`
+  or a `PrefixBlock`): the first `layers - 1` blocks scanned over the
+  stacked params["layers"], then params["last_layer"] on the `pool` rows.
+  """
+
+  def layer(carry, inputs):
+    layer_params, prompt, flag = inputs
+    return block.apply({"params": layer_params}, carry, (prompt, flag))
+
+  if remat:
+    layer = jax.checkpoint(layer, prevent_cse=False)
+  head = (params["layers"], deep_prompts[:-1], replace[:-1])
+  carry, _ = jax.lax.scan(layer, carry, head)
+  last = (deep_prompts[-1], replace[-1])
+  out, _ = block.apply({"params": params["last_layer"]}, carry, last, pool)
+  return out
 
 
 # ---------------------------------------------------------------------------
@@ -420,20 +438,15 @@ class PrefixEncoder(nn.Module):
 
   @nn.compact
   def __call__(self, shared, rest, deep_prompts, replace, pool):
-    params = self.variables["params"]
     block = PrefixBlock(self.cfg, self.n_ctx, self.dtype, parent=None)
-
-    def layer(carry, inputs):
-      layer_params, prompt, flag = inputs
-      return block.apply({"params": layer_params}, carry, (prompt, flag))
-
-    if self.remat:
-      layer = jax.checkpoint(layer, prevent_cse=False)
-    head = (params["layers"], deep_prompts[:-1], replace[:-1])
-    carry, _ = jax.lax.scan(layer, (shared, rest), head)
-    last = (deep_prompts[-1], replace[-1])
-    (shared, rest), _ = block.apply(
-      {"params": params["last_layer"]}, carry, last, pool
+    shared, rest = _through_layers(
+      block,
+      self.variables["params"],
+      (shared, rest),
+      deep_prompts,
+      replace,
+      pool,
+      self.remat,
     )
     return shared, rest[:, 0]
 
