@@ -431,6 +431,49 @@ def test_prompted_text_over_shared_prefix_equals_every_row(hf_clips):
     jax.config.update("jax_enable_x64", False)
 
 
+def test_prompted_text_in_length_groups_in_one_pass_equals_every_row(hf_clips):
+  """Length groups of different trims stacked in one prefix pass (float64):
+  each sequence attends to the shared rows and its own only."""
+  from prometar_jax import prompt_learners as pl
+
+  jax.config.update("jax_enable_x64", True)
+  try:
+    folder, _ = hf_clips["p16_gelu_4heads"]  # 3 text layers, 4 heads
+    clip = clip_lib.load(folder, dtype=jnp.float64)
+    tc, eos = clip.config.text, clip.config.eos_token_id
+    rng = np.random.default_rng(21)
+    n_ctx = 3
+    name_lengths = [1, 9, 2, 1, 17, 4, 2, 9]
+    ids = np.zeros((len(name_lengths), 24), np.int64)
+    for i, k in enumerate(name_lengths):
+      ids[i, 0] = VOCAB_SIZE - 2
+      ids[i, 1 : 1 + n_ctx + k] = rng.integers(3, VOCAB_SIZE - 3, n_ctx + k)
+      ids[i, 1 + n_ctx + k] = eos
+    prompts = rng.normal(0, 0.3, (tc.layers, n_ctx, tc.width))
+    want = np.asarray(_plain_prompted_text(clip, ids, prompts))
+    # Three groups, listed longest first: order is the caller's.
+    groups = ([4, 7], [1, 5, 6], [0, 2, 3])
+    parts = tuple(pl.trim_token_ids(ids[g]) for g in groups)
+    assert [x.shape[1] for x in parts] == [22, 14, 7]
+    ours = np.asarray(clip.encode_text(parts, prompts))
+    np.testing.assert_allclose(
+      ours, want[np.concatenate(groups)], rtol=1e-12, atol=1e-12
+    )
+    # Through `bucket_token_ids` and `encode_text`: the same features.
+    grouped = pl.bucket_token_ids(ids, 3, shared_rows=1 + n_ctx)
+    assert len(grouped["buckets"]) == 3
+    np.testing.assert_allclose(
+      pl.encode_text(clip, grouped, prompts), want, rtol=1e-12, atol=1e-12
+    )
+    # A group whose first token differs is named by its stacked row.
+    bad = (parts[0], parts[1].copy())
+    bad[1][2, 0] -= 1
+    with pytest.raises(ValueError, match="sequence 4 starts with"):
+      clip.encode_text(bad, prompts)
+  finally:
+    jax.config.update("jax_enable_x64", False)
+
+
 def test_prompted_text_refuses_sequences_with_another_start(hf_clips):
   folder, _ = hf_clips["p8_quickgelu"]
   clip = clip_lib.load(folder)

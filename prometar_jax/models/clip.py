@@ -322,133 +322,173 @@ def _through_layers(block, params, carry, deep_prompts, replace, pool, remat):
 # SOT, then the n_ctx context rows (replaced by the same deep prompts at
 # every layer). Under the causal mask those rows only ever see each other,
 # so at every layer they are the same for every class: they are computed
-# once ([P, D], P = 1 + n_ctx) and the class rows ([C, S, D], S = L - P)
-# attend to their keys and values. Exact; at the usual 16-token prompts
-# of 4 context tokens this removes 5/16 of the text tower's rows.
+# once ([P, D], P = 1 + n_ctx) and the class rows attend to their keys and
+# values. Exact; at the usual 16-token prompts of 4 context tokens this
+# removes 5/16 of the text tower's rows.
+#
+# The class rows come in length groups ([N_g, S_g] each, S_g = L_g - P:
+# `prompt_learners.bucket_token_ids`), all in ONE pass: the tower's carry is
+# the stack of the shared rows and every group's rows, [P + sum N_g S_g, D],
+# so LayerNorms, projections and MLPs are one matmul over all of them and
+# only attention looks at the groups (each sequence sees the shared rows
+# and its own). A group then costs a few small attention ops per layer, not
+# a pass of its own.
+
+Groups = tuple[tuple[int, int], ...]  # (sequences, own rows) per group
 
 
-def _stack_rows(shared: Array, rest: Array) -> Array:
-  """[P, D] and [N, S, D] -> [P + N * S, D] (one matmul for both)."""
-  return jnp.concatenate([shared, rest.reshape(-1, rest.shape[-1])])
+def _group_starts(p: int, groups: Groups) -> list[int]:
+  """Row where each group starts in the stacked rows."""
+  return [p + int(x) for x in np.cumsum([0] + [n * s for n, s in groups])]
 
 
-def _split_rows(rows: Array, p: int, n: int) -> tuple[Array, Array]:
-  return rows[:p], rows[p:].reshape(n, -1, rows.shape[-1])
+def _split_groups(rows: Array, p: int, groups: Groups):
+  """[P + sum N S, d] -> ([P, d], ([N_g, S_g, d], ...))."""
+  starts = _group_starts(p, groups)
+  return rows[:p], tuple(
+    rows[a:b].reshape(n, s, rows.shape[-1])
+    for (a, b), (n, s) in zip(zip(starts, starts[1:]), groups)
+  )
+
+
+def _split_pool(pool: Array, groups: Groups) -> list[Array]:
+  """[sum N] pooled positions -> one [N_g] array per group."""
+  ends = np.cumsum([0] + [n for n, _ in groups])
+  return [pool[a:b] for a, b in zip(ends, ends[1:])]
+
+
+def _pooled_index(p: int, groups: Groups, pool: Array) -> Array:
+  """Stacked-row index of the shared rows, then each sequence's pooled row."""
+  parts = [jnp.arange(p)]
+  for start, (n, s), at in zip(
+    _group_starts(p, groups), groups, _split_pool(pool, groups)
+  ):
+    parts.append(start + s * jnp.arange(n) + at)
+  return jnp.concatenate(parts)
 
 
 class PrefixAttention(nn.Module):
   """Causal self-attention of sequences that share their first P rows.
 
-  `shared` [P, d] are the common rows, `rest` [N, S, d] each sequence's
-  own. With `pool` ([N] indices into the S rows) only those rest rows are
-  queried ([N, 1, d] out); the shared rows are always queried (P rows: an
-  EOT inside the prefix can then be pooled too). Same projections (and
-  parameter names) as `Attention`.
+  `rows` are the stacked [P + sum N_g S_g, d] rows: the shared ones, then
+  each group's sequences (`groups`: static (N_g, S_g)). With `pool` ([sum
+  N_g] positions within each sequence's own rows) only the shared rows and
+  those rows are queried ([P + sum N_g, d] out; an EOT inside the prefix
+  can then be pooled too). Same projections (and parameter names) as
+  `Attention`.
   """
 
   cfg: TowerConfig
+  groups: Groups
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, shared, rest, pool=None):
-    p, d = shared.shape
-    n, s, _ = rest.shape
+  def __call__(self, rows, pool=None):
+    d = rows.shape[-1]
+    p = rows.shape[0] - sum(n * s for n, s in self.groups)
     h = self.cfg.heads
     dense = functools.partial(nn.Dense, d, dtype=self.dtype)
     heads = lambda y: _heads_major(y, h)  # noqa: E731
-    both = _stack_rows(shared, rest)
-    k_sh, k_r = _split_rows(dense(name="k_proj")(both), p, n)
-    v_sh, v_r = _split_rows(dense(name="v_proj")(both), p, n)
-    positions = jnp.arange(s)
+    k_sh, k_rs = _split_groups(dense(name="k_proj")(rows), p, self.groups)
+    v_sh, v_rs = _split_groups(dense(name="v_proj")(rows), p, self.groups)
     if pool is None:
-      q_sh, q_r = _split_rows(dense(name="q_proj")(both), p, n)
-      seen = positions[None, :] <= positions[:, None]  # [S queries, S keys]
+      queries, q_groups = rows, self.groups
     else:
-      queries = jnp.concatenate([shared, _rows(rest, pool)])
-      q_sh, q_r = _split_rows(dense(name="q_proj")(queries), p, n)
-      seen = (positions[None, :] <= pool[:, None])[:, None, None, :]
+      queries = rows[_pooled_index(p, self.groups, pool)]
+      q_groups = tuple((n, 1) for n, _ in self.groups)
     scale = (d // h) ** -0.5
-    q_sh, q_r = heads(q_sh) * scale, heads(q_r) * scale
-    k_sh, k_r, v_sh, v_r = map(heads, (k_sh, k_r, v_sh, v_r))
-    f32 = _at_least_f32(q_r.dtype)
+    q_sh, q_rs = _split_groups(dense(name="q_proj")(queries), p, q_groups)
+    q_sh, k_sh, v_sh = heads(q_sh) * scale, heads(k_sh), heads(v_sh)
+    f32 = _at_least_f32(rows.dtype)
     low = jnp.finfo(f32).min
 
     # The shared rows: causal among themselves.
     scores = jnp.einsum("hqc,hkc->hqk", q_sh, k_sh).astype(f32)
     causal = jnp.arange(p)[None, :] <= jnp.arange(p)[:, None]
     probs = jax.nn.softmax(jnp.where(causal, scores, low), -1)
-    out_sh = jnp.einsum("hqk,hkc->hqc", probs.astype(self.dtype), v_sh)
+    outs = [jnp.einsum("hqk,hkc->hqc", probs.astype(self.dtype), v_sh)]
 
     # Each sequence's rows: every shared key, its own keys up to the row.
-    to_shared = jnp.einsum("nhqc,hkc->nhqk", q_r, k_sh).astype(f32)
-    to_own = jnp.einsum("nhqc,nhkc->nhqk", q_r, k_r).astype(f32)
-    to_own = jnp.where(seen, to_own, low)
-    probs = jax.nn.softmax(jnp.concatenate([to_shared, to_own], -1), -1)
-    probs = probs.astype(self.dtype)
-    out_r = jnp.einsum("nhqk,hkc->nhqc", probs[..., :p], v_sh)
-    out_r = out_r + jnp.einsum("nhqk,nhkc->nhqc", probs[..., p:], v_r)
-    out = _stack_rows(_rows_major(out_sh), _rows_major(out_r))
-    return _split_rows(dense(name="out_proj")(out), p, n)
+    pools = [None] * len(self.groups) if pool is None else None
+    if pool is not None:
+      pools = _split_pool(pool, self.groups)
+    for (_, s), q_r, k_r, v_r, at in zip(self.groups, q_rs, k_rs, v_rs, pools):
+      positions = jnp.arange(s)
+      if at is None:
+        seen = positions[None, :] <= positions[:, None]  # [S queries, S keys]
+      else:
+        seen = (positions[None, :] <= at[:, None])[:, None, None, :]
+      q_r, k_r, v_r = heads(q_r) * scale, heads(k_r), heads(v_r)
+      to_shared = jnp.einsum("nhqc,hkc->nhqk", q_r, k_sh).astype(f32)
+      to_own = jnp.einsum("nhqc,nhkc->nhqk", q_r, k_r).astype(f32)
+      to_own = jnp.where(seen, to_own, low)
+      probs = jax.nn.softmax(jnp.concatenate([to_shared, to_own], -1), -1)
+      probs = probs.astype(self.dtype)
+      out = jnp.einsum("nhqk,hkc->nhqc", probs[..., :p], v_sh)
+      out = out + jnp.einsum("nhqk,nhkc->nhqc", probs[..., p:], v_r)
+      outs.append(_rows_major(out).reshape(-1, d))
+    outs[0] = _rows_major(outs[0])
+    return dense(name="out_proj")(jnp.concatenate(outs))
 
 
 class PrefixBlock(nn.Module):
-  """`Block` over (shared [P, D], rest [N, S, D]); the same parameters.
+  """`Block` over the stacked rows of `PrefixAttention`; same parameters.
 
-  The deep prompt replaces shared rows 1..n_ctx. With `pool` the rest
-  comes out as [N, 1, D] (the pooled rows), the shared rows whole.
+  The deep prompt replaces shared rows 1..n_ctx. With `pool` the shared
+  rows and each sequence's pooled row come out ([P + sum N_g, D]).
   """
 
   cfg: TowerConfig
   n_ctx: int
+  groups: Groups
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, carry, scanned, pool=None):
-    shared, rest = carry
+  def __call__(self, rows, scanned, pool=None):
     prompt, replace = scanned
-    prompted = shared.at[1 : 1 + self.n_ctx].set(prompt.astype(shared.dtype))
-    shared = jnp.where(replace, prompted, shared)
+    prompted = rows.at[1 : 1 + self.n_ctx].set(prompt.astype(rows.dtype))
+    rows = jnp.where(replace, prompted, rows)
     cfg = self.cfg
-    ln1 = LayerNorm(cfg.eps, self.dtype, name="layer_norm1")
-    attention = PrefixAttention(cfg, self.dtype, name="self_attn")
-    a_sh, a_r = attention(ln1(shared), ln1(rest), pool)
+    y = LayerNorm(cfg.eps, self.dtype, name="layer_norm1")(rows)
+    attention = PrefixAttention(cfg, self.groups, self.dtype, name="self_attn")
     if pool is not None:
-      rest = _rows(rest, pool)[:, None]
-    shared, rest = shared + a_sh, rest + a_r
-    y = LayerNorm(cfg.eps, self.dtype, name="layer_norm2")(
-      _stack_rows(shared, rest)
-    )
+      p = rows.shape[0] - sum(n * s for n, s in self.groups)
+      rows = rows[_pooled_index(p, self.groups, pool)]
+    rows = rows + attention(y, pool)
+    y = LayerNorm(cfg.eps, self.dtype, name="layer_norm2")(rows)
     y = nn.Dense(cfg.mlp_dim, dtype=self.dtype, name="fc1")(y)
     y = _ACTIVATIONS[cfg.act](y)
     y = nn.Dense(cfg.width, dtype=self.dtype, name="fc2")(y)
-    y_sh, y_r = _split_rows(y, shared.shape[0], rest.shape[0])
-    return (shared + y_sh, rest + y_r), None
+    return rows + y, None
 
 
 class PrefixEncoder(nn.Module):
-  """`Encoder` over a shared prefix; reads the same parameters.
+  """`Encoder` over a shared prefix and length groups; the same parameters.
 
-  Returns (the shared rows' outputs [P, D], the pooled rest rows [N, D]).
+  Takes the stacked rows ([P + sum N_g S_g, D]) and returns the shared
+  rows' outputs and each sequence's pooled row ([P + sum N_g, D]).
   """
 
   cfg: TowerConfig
   n_ctx: int
+  groups: Groups
   remat: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, shared, rest, deep_prompts, replace, pool):
-    block = PrefixBlock(self.cfg, self.n_ctx, self.dtype, parent=None)
-    shared, rest = _through_layers(
+  def __call__(self, rows, deep_prompts, replace, pool):
+    block = PrefixBlock(
+      self.cfg, self.n_ctx, self.groups, self.dtype, parent=None
+    )
+    return _through_layers(
       block,
       self.variables["params"],
-      (shared, rest),
+      rows,
       deep_prompts,
       replace,
       pool,
       self.remat,
     )
-    return shared, rest[:, 0]
 
 
 def encoder_layer(encoder_params: PyTree, i: int) -> PyTree:
@@ -497,7 +537,13 @@ def _check_prompts(prompts, width: int, branch: str):
 
 
 class TextTower(nn.Module):
-  """Token + positional embedding, causal blocks, final LN, EOT pooling."""
+  """Token + positional embedding, causal blocks, final LN, EOT pooling.
+
+  `token_ids`: [N, L] ids, or a tuple of length groups ([N_g, L_g] each,
+  `prompt_learners.bucket_token_ids`): the features of every sequence in
+  group order, [sum N_g, D]. A prompted tower runs all groups in one pass
+  (`PrefixEncoder`), a plain one a pass per group.
+  """
 
   cfg: ClipConfig
   remat: bool = False
@@ -507,61 +553,80 @@ class TextTower(nn.Module):
   def __call__(self, token_ids, prompts=None):
     tc = self.cfg.text
     prompts = _check_prompts(prompts, tc.width, "text")
-    n, length = token_ids.shape
+    if isinstance(token_ids, (tuple, list)):
+      groups = tuple(token_ids)
+    else:
+      groups = (token_ids,)
     emb = nn.Embed(self.cfg.vocab_size, tc.width, name="token_embedding")
     pos = self.param(
       "position_embedding",
       nn.initializers.normal(0.01),
       (self.cfg.context_length, tc.width),
     )
-    x = emb(token_ids)
-    if prompts is not None:
-      n_ctx = prompts.shape[1]
-      if 1 + n_ctx >= length:
-        raise ValueError(
-          f"{n_ctx} text prompt tokens do not fit in {length} token positions"
-        )
-      ctx = jnp.broadcast_to(prompts[0], (n, n_ctx, tc.width))
-      x = jnp.concatenate([x[:, :1], ctx.astype(x.dtype), x[:, 1 + n_ctx :]], 1)
     # Truncated inputs (length < 77) use the first `length` positions: under
     # the causal mask the EOT row never sees later positions.
-    x = (x + pos[:length]).astype(self.dtype)
-    if self.cfg.eos_token_id == 2:
-      # Legacy OpenAI configs: the EOT has the largest id.
-      eot = jnp.argmax(token_ids, axis=-1)
-    else:
-      eot = jnp.argmax(token_ids == self.cfg.eos_token_id, axis=-1)
+    embed = lambda ids, at: (emb(ids) + pos[at]).astype(self.dtype)  # noqa: E731
+    eots = [self._eot(ids) for ids in groups]
     deep, replace = _deep_prompt_schedule(prompts, tc.layers, tc.width)
     if prompts is None:
-      x = Encoder(tc, True, None, self.remat, self.dtype, name="encoder")(
-        x, deep, replace, eot
+      encoder = Encoder(tc, True, None, self.remat, self.dtype, name="encoder")
+      x = jnp.concatenate(
+        [
+          encoder(embed(ids, slice(0, ids.shape[1])), deep, replace, eot)
+          for ids, eot in zip(groups, eots)
+        ]
       )
     else:
-      x = self._over_shared_prefix(token_ids, x, deep, replace, eot, n_ctx)
+      x = self._over_shared_prefix(
+        emb, pos, embed, groups, prompts, deep, replace, jnp.concatenate(eots)
+      )
     return LayerNorm(
       tc.eps, _at_least_f32(self.dtype), name="final_layer_norm"
     )(x)
 
-  def _over_shared_prefix(self, token_ids, x, deep, replace, eot, n_ctx):
+  def _eot(self, token_ids):
+    if self.cfg.eos_token_id == 2:
+      # Legacy OpenAI configs: the EOT has the largest id.
+      return jnp.argmax(token_ids, axis=-1)
+    return jnp.argmax(token_ids == self.cfg.eos_token_id, axis=-1)
+
+  def _over_shared_prefix(
+    self, emb, pos, embed, groups, prompts, deep, replace, eot
+  ):
     """The pooled rows of a prompted tower, the prefix computed once.
 
-    The prefix rows are taken from sequence 0: exact when every sequence
-    starts with the same token (SOT: all tokenized text). A sequence that
-    does not gets NaN features rather than a silently wrong one
-    (`CLIP.encode_text` names such ids before they get here).
+    The prefix rows are SOT from sequence 0 and the context: exact when
+    every sequence starts with the same token (SOT: all tokenized text). A
+    sequence that does not gets NaN features rather than a silently wrong
+    one (`CLIP.encode_text` names such ids before they get here).
     """
+    tc = self.cfg.text
+    n_ctx = prompts.shape[1]
     p = 1 + n_ctx
+    for ids in groups:
+      if p >= ids.shape[1]:
+        raise ValueError(
+          f"{n_ctx} text prompt tokens do not fit in {ids.shape[1]} token "
+          f"positions"
+        )
+    sot = emb(groups[0][0, :1])
+    shared = jnp.concatenate([sot, prompts[0].astype(sot.dtype)])
+    shared = (shared + pos[:p]).astype(self.dtype)
+    rows = [shared] + [
+      embed(ids[:, p:], slice(p, ids.shape[1])).reshape(-1, tc.width)
+      for ids in groups
+    ]
+    shape = tuple((ids.shape[0], ids.shape[1] - p) for ids in groups)
     encoder = PrefixEncoder(
-      self.cfg.text, n_ctx, self.remat, self.dtype, name="encoder"
+      tc, n_ctx, shape, self.remat, self.dtype, name="encoder"
     )
-    out_sh, out_r = encoder(
-      x[0, :p], x[:, p:], deep, replace, jnp.maximum(eot - p, 0)
-    )
+    out = encoder(jnp.concatenate(rows), deep, replace, jnp.maximum(eot - p, 0))
+    out_sh, out_r = out[:p], out[p:]
     # An EOT among the prefix rows (ids shorter than the context) pools a
     # shared row, as the full tower would.
     out = jnp.where((eot < p)[:, None], out_sh[jnp.minimum(eot, p - 1)], out_r)
-    same_start = token_ids[:, 0] == token_ids[0, 0]
-    return jnp.where(same_start[:, None], out, jnp.nan)
+    start = jnp.concatenate([ids[:, 0] for ids in groups])
+    return jnp.where((start == start[0])[:, None], out, jnp.nan)
 
 
 class VisionTower(nn.Module):
@@ -695,7 +760,9 @@ def encode_text(
   dtype=jnp.float32,
   remat: bool = False,
 ) -> Array:
-  """Projected, unnormalized text features of [N, L] token ids (L <= 77)."""
+  """Projected, unnormalized text features of [N, L] token ids (L <= 77),
+  or of a tuple of length groups ([N_g, L_g] each): [sum N_g, D] in group
+  order."""
   return make_module(cfg, dtype, remat).apply(
     {"params": params}, token_ids, prompts, method=CLIPModule.encode_text
   )
@@ -933,19 +1000,22 @@ def read_state_dict(folder: str) -> dict[str, np.ndarray]:
 
 def _check_shared_start(token_ids) -> None:
   """Prompted text shares its first rows (`PrefixEncoder`): every sequence
-  must start with the same token. Checked where the ids are concrete;
-  under jit a sequence that does not gets NaN features instead."""
-  if isinstance(token_ids, jax.core.Tracer):
-    return
-  if isinstance(token_ids, jax.Array) and not token_ids.is_fully_addressable:
-    return  # rows on other hosts: left to the NaN guard under jit
-  ids = np.asarray(token_ids)
-  odd = np.flatnonzero(ids[:, 0] != ids[0, 0])
+  (of every length group) must start with the same token. Checked where
+  the ids are concrete; under jit a sequence that does not gets NaN
+  features instead."""
+  groups = token_ids if isinstance(token_ids, (tuple, list)) else [token_ids]
+  for ids in groups:
+    if isinstance(ids, jax.core.Tracer):
+      return
+    if isinstance(ids, jax.Array) and not ids.is_fully_addressable:
+      return  # rows on other hosts: left to the NaN guard under jit
+  starts = np.concatenate([np.asarray(ids)[:, 0] for ids in groups])
+  odd = np.flatnonzero(starts != starts[0])
   if odd.size:
     raise ValueError(
       f"prompted text needs every token sequence to start with the same "
       f"token (SOT, as the tokenizer writes it); sequence {odd[0]} starts "
-      f"with {ids[odd[0], 0]}, sequence 0 with {ids[0, 0]}. Tokenize the "
+      f"with {starts[odd[0]]}, sequence 0 with {starts[0]}. Tokenize the "
       f"class prompts with the checkpoint's tokenizer (`CLIP.tokenize`)."
     )
 

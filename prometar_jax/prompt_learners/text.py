@@ -181,10 +181,8 @@ def shared_prompt_rows(config: PromptConfig) -> int:
 def encode_text(clip: clip_lib.CLIP, token_ids, text_prompts):
   """Unnormalized text features [C, D] of [C, L] ids or `bucket_token_ids`."""
   if isinstance(token_ids, dict):
-    parts = [
-      clip.encode_text(ids, text_prompts) for ids in token_ids["buckets"]
-    ]
-    return jnp.concatenate(parts)[token_ids["order"]]
+    groups = tuple(token_ids["buckets"])
+    return clip.encode_text(groups, text_prompts)[token_ids["order"]]
   return clip.encode_text(token_ids, text_prompts)
 
 
