@@ -85,8 +85,9 @@ def tower_flops(width, mlp, layers, tokens, seq):
 
 
 def text_rows(groups):
-  """Text rows a tower pass computes: each group's shared prefix once."""
-  return sum(c * (n - SHARED) + SHARED for c, n in groups)
+  """Text rows a tower pass computes: the shared prefix once, then each
+  group's class rows (all groups in one pass)."""
+  return SHARED + sum(c * (n - SHARED) for c, n in groups)
 
 
 def text_groups(token_ids):
@@ -110,8 +111,8 @@ def step_flops(groups):
   vis_tokens = 1 + 14 * 14 + N_CTX
   f_v = tower_flops(768, 3072, 12, BATCH * vis_tokens, vis_tokens)
   f_v += 2 * BATCH * 196 * (3 * 16 * 16) * 768  # patch embedding
-  f_t = sum(
-    tower_flops(512, 2048, 12, c * (n - SHARED) + SHARED, n) for c, n in groups
+  f_t = tower_flops(512, 2048, 12, SHARED, SHARED) + sum(
+    tower_flops(512, 2048, 12, c * (n - SHARED), n) for c, n in groups
   )
   inner_v = f_v * (BATCH - 1) / BATCH
   return f_v + 3 * (f_v + f_t) + 6 * (inner_v + f_t) + 2 * (f_v + f_t)
@@ -365,7 +366,7 @@ def main():
   ap.add_argument(
     "--text_buckets",
     type=int,
-    default=2,
+    default=4,
     help="group class prompts by length (1: one trim for all classes)",
   )
   ap.add_argument(

@@ -190,7 +190,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     # Group the class prompts by token length (at most this many groups) so
     # the text tower runs over fewer positions; exact. 1: one group. Not
     # with class_multiple > 1 (that padding exists to keep one shape).
-    text_buckets=2,
+    # The prompted tower runs all groups in one pass (docs/performance.md).
+    text_buckets=4,
     # RandomResizedCrop's area range for training images (Dassl: 0.08-1).
     crop_scale=(0.08, 1.0),
     # Read images from a TFDS build of the CoOp folders (data.build_tfds)

@@ -502,12 +502,25 @@ def test_length_groups_count_the_shared_prefix_once():
   ids[:, 0] = 98
   for c in range(10):
     ids[c, 1 + (6 if c < 9 else 8)] = 99  # lengths 8 (x9) and 10
-  # All positions: 100 in one group, 9 x 8 + 10 = 82 in two: not a fifth
-  # less, one group.
-  assert pl.bucket_token_ids(ids, 2, multiple=1).shape == (10, 10)
-  # Without the 5 shared rows: 50 -> 9 x 3 + 5 = 32 rows: two groups.
-  grouped = pl.bucket_token_ids(ids, 2, multiple=1, shared_rows=5)
+  # All positions: 100 in one group, 9 x 8 + 10 = 82 in two: 18% fewer,
+  # one group when a group must save a fifth, two when 5% (the default).
+  one = pl.bucket_token_ids(ids, 2, multiple=1, min_saving=0.2)
+  assert one.shape == (10, 10)
+  two = pl.bucket_token_ids(ids, 2, multiple=1)
+  assert [b.shape for b in two["buckets"]] == [(9, 8), (1, 10)]
+  # Without the 5 shared rows: 50 -> 9 x 3 + 5 = 32 rows (36% fewer): two
+  # groups even when a group must save a fifth.
+  grouped = pl.bucket_token_ids(
+    ids, 2, multiple=1, shared_rows=5, min_saving=0.2
+  )
   assert [b.shape for b in grouped["buckets"]] == [(9, 8), (1, 10)]
+  # Nine prompts of 20 positions and one of 21: 210 -> 201 in two groups,
+  # 4.3% fewer: one group at the default 5%.
+  near = np.zeros((10, 77), np.int64)
+  near[:, 0] = 98
+  for c in range(10):
+    near[c, 19 if c < 9 else 20] = 99
+  assert pl.bucket_token_ids(near, 2).shape == (10, 21)
   ivlp = pl.PromptConfig(kind="ivlp", n_ctx_text=4)
   assert pl.shared_prompt_rows(ivlp) == 5
   assert pl.shared_prompt_rows(pl.PromptConfig(kind="vpt")) == 0
@@ -531,8 +544,8 @@ def test_text_in_length_groups_equals_one_trim_and_full_77(hf_clips):
   grouped = pl.bucket_token_ids(ids, max_buckets=3, multiple=4)
   # Lengths 2 + k round up to 4, 4, 4, 8, 28, 4, 4, 16, 4. One trim: 9 x 28
   # = 252 positions; best two groups {4} {8, 16, 28}: 24 + 84 = 108 (kept:
-  # <= 0.8 x 252); best three {4} {8, 16} {28}: 24 + 32 + 28 = 84 (kept:
-  # <= 0.8 x 108).
+  # <= 0.95 x 252); best three {4} {8, 16} {28}: 24 + 32 + 28 = 84 (kept:
+  # <= 0.95 x 108).
   shapes = [b.shape for b in grouped["buckets"]]
   assert shapes == [(6, 4), (2, 16), (1, 28)]
   depth = min(2, clip.config.text.layers)
@@ -544,7 +557,7 @@ def test_text_in_length_groups_equals_one_trim_and_full_77(hf_clips):
     np.testing.assert_allclose(
       pl.encode_text(clip, grouped, p), full, atol=1e-6, rtol=1e-5
     )
-  # No group is kept unless it saves a fifth of the positions.
+  # Prompts of one length: one group.
   same = ids[[0, 2, 6]]
   kept = pl.bucket_token_ids(same, max_buckets=3, multiple=4)
   assert isinstance(kept, np.ndarray) and kept.shape == (3, 4)

@@ -26,13 +26,15 @@ ARG = "dataset=eurosat,seed=1"
 FIRST_ORDER = {"meta__first_order": True}
 
 # Runs the tiny config on a 1-device mesh and on all devices, then checks
-# the compiled step's text-tower shapes: [C/n, L, width] per device.
+# the compiled step's text-tower shapes: a quarter of the stacked text rows
+# per device ([ceil(R / 4), width]), never all R of them.
 DEVICES_SCRIPT = """
 import json, sys
 sys.path.insert(0, {tests!r})
 import jax, numpy as np
 import train_testlib
 from prometar_jax import data, features, meta_step, sharding, train
+from prometar_jax import prompt_learners as pl
 from prometar_jax import run as run_lib
 assets, extra = json.loads(sys.argv[1]), json.loads(sys.argv[2])
 out = sys.argv[3]
@@ -57,12 +59,16 @@ batch = {{k: jax.device_put(v, layout.sharding) for k, v in batch.items()}}
 step = run_lib.sharded_train_step(spec, mesh, True, layout.sharded)
 hlo = step.lower(state, meta_step.Frozen(clip, feats), batch)
 hlo = hlo.compile().as_text()
+# The prompted tower's carry: the shared prefix rows, then every class's
+# own rows, stacked (models/clip.py, PrefixEncoder).
 c, length = feats["token_ids"].shape
+p = pl.shared_prompt_rows(spec.prompt)
+rows = p + c * (length - p)
 width = clip.config.text.width
 print("SHAPES", json.dumps({{
-  "per_device": hlo.count(f"f32[{{c // 4}},{{length}},{{width}}]"),
-  "whole": hlo.count(f"f32[{{c}},{{length}},{{width}}]"),
-  "unpadded": hlo.count(f"f32[3,{{length}},{{width}}]"),
+  "per_device": hlo.count(f"f32[{{-(-rows // 4)}},{{width}}]"),
+  "whole": hlo.count(f"f32[{{rows}},{{width}}]"),
+  "unpadded": hlo.count(f"f32[{{p + 3 * (length - p)}},{{width}}]"),
 }}))
 """
 
@@ -159,7 +165,8 @@ def test_same_prompts_on_1_and_4_devices_and_2_processes(
 
 def test_text_tower_is_split_over_classes(single_process):
   _, shapes = single_process
-  # 3 base classes padded to 4: one class per device, never all of them.
+  # 3 base classes padded to 4: the text tower's rows are split over the 4
+  # devices (its matmuls on a quarter of them), never all on each.
   assert shapes["per_device"] > 0
   assert shapes["whole"] == 0 and shapes["unpadded"] == 0
 

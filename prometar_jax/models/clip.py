@@ -409,8 +409,9 @@ class PrefixAttention(nn.Module):
     outs = [jnp.einsum("hqk,hkc->hqc", probs.astype(self.dtype), v_sh)]
 
     # Each sequence's rows: every shared key, its own keys up to the row.
-    pools = [None] * len(self.groups) if pool is None else None
-    if pool is not None:
+    if pool is None:
+      pools = [None] * len(self.groups)
+    else:
       pools = _split_pool(pool, self.groups)
     for (_, s), q_r, k_r, v_r, at in zip(self.groups, q_rs, k_rs, v_rs, pools):
       positions = jnp.arange(s)
@@ -446,8 +447,15 @@ class PrefixBlock(nn.Module):
   @nn.compact
   def __call__(self, rows, scanned, pool=None):
     prompt, replace = scanned
-    prompted = rows.at[1 : 1 + self.n_ctx].set(prompt.astype(rows.dtype))
-    rows = jnp.where(replace, prompted, rows)
+    # A where over every row, not an update of rows 1..n_ctx: on a mesh the
+    # stacked rows are split over devices, and an in-place update of a few
+    # rows made XLA gather all of them on every device.
+    n = rows.shape[0]
+    prompted = jnp.pad(
+      prompt.astype(rows.dtype), ((1, n - 1 - self.n_ctx), (0, 0))
+    )
+    at_prompt = (jnp.arange(n) >= 1) & (jnp.arange(n) <= self.n_ctx)
+    rows = jnp.where(replace & at_prompt[:, None], prompted, rows)
     cfg = self.cfg
     y = LayerNorm(cfg.eps, self.dtype, name="layer_norm1")(rows)
     attention = PrefixAttention(cfg, self.groups, self.dtype, name="self_attn")
@@ -536,6 +544,16 @@ def _check_prompts(prompts, width: int, branch: str):
   return prompts
 
 
+def _embed(emb, pos, token_ids, start: int, dtype) -> Array:
+  """Token + positional embedding of positions `start`.. of the ids.
+
+  Truncated ids (length < 77) use the first `length` positions: under the
+  causal mask the EOT row never sees later positions.
+  """
+  ids = token_ids[:, start:]
+  return (emb(ids) + pos[start : token_ids.shape[1]]).astype(dtype)
+
+
 class TextTower(nn.Module):
   """Token + positional embedding, causal blocks, final LN, EOT pooling.
 
@@ -563,22 +581,19 @@ class TextTower(nn.Module):
       nn.initializers.normal(0.01),
       (self.cfg.context_length, tc.width),
     )
-    # Truncated inputs (length < 77) use the first `length` positions: under
-    # the causal mask the EOT row never sees later positions.
-    embed = lambda ids, at: (emb(ids) + pos[at]).astype(self.dtype)  # noqa: E731
     eots = [self._eot(ids) for ids in groups]
     deep, replace = _deep_prompt_schedule(prompts, tc.layers, tc.width)
     if prompts is None:
       encoder = Encoder(tc, True, None, self.remat, self.dtype, name="encoder")
       x = jnp.concatenate(
         [
-          encoder(embed(ids, slice(0, ids.shape[1])), deep, replace, eot)
+          encoder(_embed(emb, pos, ids, 0, self.dtype), deep, replace, eot)
           for ids, eot in zip(groups, eots)
         ]
       )
     else:
       x = self._over_shared_prefix(
-        emb, pos, embed, groups, prompts, deep, replace, jnp.concatenate(eots)
+        emb, pos, groups, prompts, deep, replace, jnp.concatenate(eots)
       )
     return LayerNorm(
       tc.eps, _at_least_f32(self.dtype), name="final_layer_norm"
@@ -590,9 +605,7 @@ class TextTower(nn.Module):
       return jnp.argmax(token_ids, axis=-1)
     return jnp.argmax(token_ids == self.cfg.eos_token_id, axis=-1)
 
-  def _over_shared_prefix(
-    self, emb, pos, embed, groups, prompts, deep, replace, eot
-  ):
+  def _over_shared_prefix(self, emb, pos, groups, prompts, deep, replace, eot):
     """The pooled rows of a prompted tower, the prefix computed once.
 
     The prefix rows are SOT from sequence 0 and the context: exact when
@@ -613,7 +626,7 @@ class TextTower(nn.Module):
     shared = jnp.concatenate([sot, prompts[0].astype(sot.dtype)])
     shared = (shared + pos[:p]).astype(self.dtype)
     rows = [shared] + [
-      embed(ids[:, p:], slice(p, ids.shape[1])).reshape(-1, tc.width)
+      _embed(emb, pos, ids, p, self.dtype).reshape(-1, tc.width)
       for ids in groups
     ]
     shape = tuple((ids.shape[0], ids.shape[1] - p) for ids in groups)

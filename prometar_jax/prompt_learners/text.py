@@ -106,14 +106,18 @@ def bucket_token_ids(
   max_buckets: int = 2,
   multiple: int = 1,
   shared_rows: int = 0,
+  min_saving: float = 0.05,
 ):
   """Class prompts in groups of similar length, each trimmed to its longest.
 
   Exact (see `trim_token_ids`), and the text tower runs over fewer token
   positions: real class names are mostly short with a long tail, so one
   trim length set by the longest name wastes most positions of the others.
-  A group is kept only if it saves at least a fifth of the positions of the
-  grouping with one group fewer (each group is one more text-tower call).
+  The prompted text tower runs every group in one pass (`clip.TextTower`):
+  a group costs a few small attention ops per layer, so groups are cheap,
+  but not free; a group is kept only if it saves at least `min_saving` of
+  the positions of the grouping with one group fewer. (A plain tower runs
+  a pass per group; it only computes the frozen class features, once.)
 
   Args:
     token_ids: [C, L] class prompt ids.
@@ -122,6 +126,7 @@ def bucket_token_ids(
     shared_rows: leading positions every prompt shares (SOT and a learned
       context: `shared_prompt_rows`), which the prompted text tower
       computes once for all classes; they are not counted per class.
+    min_saving: the fraction of positions a further group must save.
 
   Returns:
     The trimmed [C, L'] array when one group is best; otherwise
@@ -149,7 +154,7 @@ def bucket_token_ids(
           best[k, j], cut[k, j] = cost, i
   groups = 1
   for k in range(1, max_buckets):
-    if best[k, n - 1] <= 0.8 * best[groups - 1, n - 1]:
+    if best[k, n - 1] <= (1 - min_saving) * best[groups - 1, n - 1]:
       groups = k + 1
   if groups == 1:
     return trim_token_ids(ids, multiple)
