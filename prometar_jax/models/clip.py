@@ -342,6 +342,11 @@ def _group_starts(p: int, groups: Groups) -> list[int]:
   return [p + int(x) for x in np.cumsum([0] + [n * s for n, s in groups])]
 
 
+def _shared_count(rows: Array, groups: Groups) -> int:
+  """P: the stacked rows before the first group's."""
+  return rows.shape[0] - sum(n * s for n, s in groups)
+
+
 def _split_groups(rows: Array, p: int, groups: Groups):
   """[P + sum N S, d] -> ([P, d], ([N_g, S_g, d], ...))."""
   starts = _group_starts(p, groups)
@@ -385,7 +390,7 @@ class PrefixAttention(nn.Module):
   @nn.compact
   def __call__(self, rows, pool=None):
     d = rows.shape[-1]
-    p = rows.shape[0] - sum(n * s for n, s in self.groups)
+    p = _shared_count(rows, self.groups)
     h = self.cfg.heads
     dense = functools.partial(nn.Dense, d, dtype=self.dtype)
     heads = lambda y: _heads_major(y, h)  # noqa: E731
@@ -406,7 +411,8 @@ class PrefixAttention(nn.Module):
     scores = jnp.einsum("hqc,hkc->hqk", q_sh, k_sh).astype(f32)
     causal = jnp.arange(p)[None, :] <= jnp.arange(p)[:, None]
     probs = jax.nn.softmax(jnp.where(causal, scores, low), -1)
-    outs = [jnp.einsum("hqk,hkc->hqc", probs.astype(self.dtype), v_sh)]
+    out_sh = jnp.einsum("hqk,hkc->hqc", probs.astype(self.dtype), v_sh)
+    outs = [_rows_major(out_sh)]
 
     # Each sequence's rows: every shared key, its own keys up to the row.
     if pool is None:
@@ -428,7 +434,6 @@ class PrefixAttention(nn.Module):
       out = jnp.einsum("nhqk,hkc->nhqc", probs[..., :p], v_sh)
       out = out + jnp.einsum("nhqk,nhkc->nhqc", probs[..., p:], v_r)
       outs.append(_rows_major(out).reshape(-1, d))
-    outs[0] = _rows_major(outs[0])
     return dense(name="out_proj")(jnp.concatenate(outs))
 
 
@@ -460,7 +465,7 @@ class PrefixBlock(nn.Module):
     y = LayerNorm(cfg.eps, self.dtype, name="layer_norm1")(rows)
     attention = PrefixAttention(cfg, self.groups, self.dtype, name="self_attn")
     if pool is not None:
-      p = rows.shape[0] - sum(n * s for n, s in self.groups)
+      p = _shared_count(rows, self.groups)
       rows = rows[_pooled_index(p, self.groups, pool)]
     rows = rows + attention(y, pool)
     y = LayerNorm(cfg.eps, self.dtype, name="layer_norm2")(rows)
