@@ -143,7 +143,7 @@ def peak_memory_gib():
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def step_inputs(n_classes, token_ids, dtype_name="float32", remat=False):
+def step_inputs(n_classes, token_ids, dtype_name="float32", remat="matmuls"):
   """(frozen, spec, state, batch) of the benchmarked step.
 
   Random ViT-B/16 weights, IVLP 4+4 prompts at depth 9, batch 4 with two
@@ -360,8 +360,9 @@ def main():
   ap.add_argument(
     "--remat",
     default="auto",
-    choices=["auto", "on", "off"],
-    help="auto: rematerialize blocks from 100 classes on (memory)",
+    choices=["auto", "none", "matmuls", "full"],
+    help='model.remat; auto: "full" from 100 classes on (memory), '
+    '"matmuls" below',
   )
   ap.add_argument(
     "--text_buckets",
@@ -381,11 +382,13 @@ def main():
 
   if args.point:  # child process: one measurement, JSON on the last line
     n, dtype, remat = args.point.split(":")
+    # benchmarks/alternate.py passes 0 / 1 to every revision it runs.
+    remat = {"0": "matmuls", "1": "full"}.get(remat, remat)
     row = run_point(
       int(n),
       dtype,
       args.steps,
-      remat == "1",
+      remat,
       args.eval_batch,
       args.text_buckets,
     )
@@ -409,12 +412,14 @@ def main():
       else:
         print(f"official step at {n} classes: {off}", flush=True)
     for dtype in args.dtypes.split(","):
-      remat = {"on": True, "off": False}.get(args.remat, n >= 100)
+      remat = args.remat
+      if remat == "auto":
+        remat = "full" if n >= 100 else "matmuls"
       cmd = [
         sys.executable,
         os.path.abspath(__file__),
         "--point",
-        f"{n}:{dtype}:{int(remat)}",
+        f"{n}:{dtype}:{remat}",
         "--steps",
         str(args.steps),
         "--eval_batch",

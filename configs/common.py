@@ -146,7 +146,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.model = dict(
     name="openai/clip-vit-base-patch16",
     dtype="float32",
-    remat=False,
+    # What the backward pass recomputes of each block: "matmuls" (keeps
+    # only the weight matmuls' outputs), "full" (least memory: hundreds of
+    # classes) or "none" (models/clip.py REMAT_MODES).
+    remat="matmuls",
     learner="ivlp",
   )
   config.prompt = dict(

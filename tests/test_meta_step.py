@@ -384,6 +384,39 @@ def test_step_with_class_prompts_in_length_groups_equals_one_group():
     assert abs(float(m_wrong["loss_ce"]) - float(m_want["loss_ce"])) > 1e-3
 
 
+def test_step_is_the_same_for_every_remat_mode():
+  # What the backward pass keeps of each block ("none": everything,
+  # "matmuls": the weight matmuls' outputs, the default; "full": nothing)
+  # changes the program, never the numbers: float64, the whole second-order
+  # step.
+  with jax.enable_x64(True), fast_compilation():
+    clip, feats, spec, state, batch = setup(jnp.float64)
+    step = meta_step.make_train_step(spec, donate=False)
+    results, temp = {}, {}
+    for mode in clip_lib.REMAT_MODES:
+      frozen = meta_step.Frozen(clip.replace(remat=mode), feats)
+      compiled = step.lower(state, frozen, batch).compile()
+      temp[mode] = compiled.memory_analysis().temp_size_in_bytes
+      new, metrics = compiled(state, frozen, batch)
+      assert float(metrics["meta_valid"]) == 1.0
+      results[mode] = jax.tree.leaves(
+        (new.prompts, new.gradnet, new.opt_prompts, metrics)
+      )
+    for mode in ("matmuls", "full"):
+      for a, b in zip(results[mode], results["none"]):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+  # The modes are different programs: each keeps less than the one before.
+  assert temp["full"] < temp["matmuls"] < temp["none"], temp
+
+
+def test_remat_modes_and_their_errors():
+  assert clip_lib.remat_mode(True) == "full"
+  assert clip_lib.remat_mode(False) == "none"
+  assert clip_lib.remat_mode("matmuls") == "matmuls"
+  with pytest.raises(ValueError, match="use one of"):
+    clip_lib.remat_mode("dots")
+
+
 def test_step_compiles_once_for_every_label_pattern_and_epoch():
   clip, feats, spec, state, batch = setup()
   spec = dataclasses.replace(spec, optim=schedules.Optimizer(epochs=3))

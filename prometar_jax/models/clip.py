@@ -263,7 +263,7 @@ class Encoder(nn.Module):
   cfg: TowerConfig
   causal: bool
   prompt_rows: tuple[int, int] | None = None
-  remat: bool = False
+  remat: bool | str = "matmuls"
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -295,6 +295,32 @@ class Encoder(nn.Module):
     return out[:, 0]
 
 
+# What a block's backward pass keeps of its forward (`model.remat`):
+#   "none"     every intermediate;
+#   "matmuls"  only the outputs of the weight matmuls (q, k, v, out, fc1,
+#              fc2); LayerNorms, attention scores and softmax, activations
+#              are recomputed from them. The default: a few percent more
+#              FLOPs (attention's own matmuls run twice), a third less
+#              memory, and on the CPU a faster step, because every step
+#              writes fresh pages of its temporary buffer and each page
+#              costs a fault (docs/performance.md);
+#   "full"     nothing: the whole block is recomputed (least memory, an
+#              extra forward per backward; for hundreds of classes).
+REMAT_MODES = ("none", "matmuls", "full")
+
+
+def remat_mode(remat: bool | str) -> str:
+  """The canonical `remat` setting; True / False mean "full" / "none"."""
+  if isinstance(remat, bool):
+    return "full" if remat else "none"
+  if remat not in REMAT_MODES:
+    raise ValueError(
+      f"remat={remat!r}: use one of {REMAT_MODES} (or True / False for "
+      f'"full" / "none")'
+    )
+  return remat
+
+
 def _through_layers(block, params, carry, deep_prompts, replace, pool, remat):
   """The layer loop of `Encoder` and `PrefixEncoder` (`block`: a `Block`
   or a `PrefixBlock`): the first `layers - 1` blocks scanned over the
@@ -305,8 +331,12 @@ def _through_layers(block, params, carry, deep_prompts, replace, pool, remat):
     layer_params, prompt, flag = inputs
     return block.apply({"params": layer_params}, carry, (prompt, flag))
 
-  if remat:
-    layer = jax.checkpoint(layer, prevent_cse=False)
+  mode = remat_mode(remat)
+  if mode != "none":
+    policy = None  # "full": save nothing
+    if mode == "matmuls":
+      policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    layer = jax.checkpoint(layer, prevent_cse=False, policy=policy)
   head = (params["layers"], deep_prompts[:-1], replace[:-1])
   carry, _ = jax.lax.scan(layer, carry, head)
   last = (deep_prompts[-1], replace[-1])
@@ -485,7 +515,7 @@ class PrefixEncoder(nn.Module):
   cfg: TowerConfig
   n_ctx: int
   groups: Groups
-  remat: bool = False
+  remat: bool | str = "matmuls"
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -569,7 +599,7 @@ class TextTower(nn.Module):
   """
 
   cfg: ClipConfig
-  remat: bool = False
+  remat: bool | str = "matmuls"
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -651,7 +681,7 @@ class VisionTower(nn.Module):
   """Patch embedding, [CLS] + positions, prompts, pre-LN, blocks, post-LN."""
 
   cfg: ClipConfig
-  remat: bool = False
+  remat: bool | str = "matmuls"
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -704,7 +734,7 @@ class CLIPModule(nn.Module):
   """Both towers, the projections and the logit scale."""
 
   cfg: ClipConfig
-  remat: bool = False
+  remat: bool | str = "matmuls"
   dtype: Any = jnp.float32
 
   def setup(self):
@@ -739,7 +769,7 @@ class CLIPModule(nn.Module):
 # ---------------------------------------------------------------------------
 
 
-def make_module(cfg: ClipConfig, dtype=jnp.float32, remat=False):
+def make_module(cfg: ClipConfig, dtype=jnp.float32, remat="matmuls"):
   return CLIPModule(cfg, remat=remat, dtype=dtype)
 
 
@@ -751,7 +781,7 @@ def encode_image(
   *,
   cfg: ClipConfig,
   dtype=jnp.float32,
-  remat: bool = False,
+  remat: bool | str = "matmuls",
 ) -> Array:
   """Projected, unnormalized image features.
 
@@ -776,7 +806,7 @@ def encode_text(
   *,
   cfg: ClipConfig,
   dtype=jnp.float32,
-  remat: bool = False,
+  remat: bool | str = "matmuls",
 ) -> Array:
   """Projected, unnormalized text features of [N, L] token ids (L <= 77),
   or of a tuple of length groups ([N_g, L_g] each): [sum N_g, D] in group
@@ -1055,7 +1085,7 @@ class CLIP:
   params: PyTree
   folder: str | None = None
   dtype: Any = jnp.float32
-  remat: bool = False
+  remat: bool | str = "matmuls"
 
   @property
   def logit_scale(self) -> Array:
@@ -1085,7 +1115,7 @@ class CLIP:
     )
 
   def replace(self, **changes) -> CLIP:
-    """A copy with other fields (e.g. dtype=jnp.bfloat16, remat=True)."""
+    """A copy with other fields (e.g. dtype=jnp.bfloat16, remat="full")."""
     return dataclasses.replace(self, **changes)
 
   @property
@@ -1129,7 +1159,7 @@ def load(
   *,
   dtype=jnp.float32,
   image_size: int | None = None,
-  remat: bool = False,
+  remat: bool | str = "matmuls",
 ) -> CLIP:
   """Loads a Hugging Face CLIP checkpoint (folder or hub id) without torch.
 
@@ -1140,7 +1170,10 @@ def load(
     dtype: compute dtype (parameters stay float32); jnp.bfloat16 for speed.
     image_size: optional other input resolution; the positional embedding is
       interpolated bicubically.
-    remat: rematerialize transformer blocks in the backward pass (memory).
+    remat: what the backward pass recomputes of each transformer block
+      (`REMAT_MODES`): "matmuls" (default) keeps only the weight matmuls'
+      outputs, "full" recomputes the block (least memory), "none" keeps
+      everything; True / False mean "full" / "none".
 
   Returns:
     A `CLIP` with `config`, `params`, `encode_image`, `encode_text`,
@@ -1156,4 +1189,4 @@ def load(
   # (finite-difference checks, reference replays; needs jax_enable_x64).
   param_dtype = jnp.float64 if dtype == jnp.float64 else jnp.float32
   params = jax.tree.map(lambda x: jnp.asarray(x, param_dtype), params)
-  return CLIP(cfg, params, folder, dtype, remat)
+  return CLIP(cfg, params, folder, dtype, remat_mode(remat))
