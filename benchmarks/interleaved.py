@@ -14,6 +14,10 @@ second order, class prompts of realistic lengths as in `step.py`):
   groups:      class prompts in length groups (`bucket_token_ids`);
   groups_slots: and the inner step on B - 1 support slots (`support_slots`):
                the current step;
+  keep_all:    the current step with `model.remat="none"`: the backward pass
+               keeps every intermediate of each block (the step before the
+               default "matmuls", which keeps only the weight matmuls'
+               outputs);
   baseline:    (with --baseline REV) the current step with the CLIP towers
                of git revision REV (`prometar_jax/models/clip.py` at REV,
                loaded beside the current one): what the towers' savings
@@ -22,6 +26,7 @@ second order, class prompts of realistic lengths as in `step.py`):
 Ratios are against the first variant of --variants.
 
   python benchmarks/interleaved.py --classes 10 --rounds 4
+  python benchmarks/interleaved.py --variants keep_all,groups_slots
   python benchmarks/interleaved.py --variants baseline,groups_slots \
     --baseline d4cf46c --rounds 4
 """
@@ -109,22 +114,27 @@ def main():
   args = ap.parse_args()
 
   raw = realistic_prompt_ids(args.classes)
-  grouped = pl.bucket_token_ids(raw, 2, shared_rows=SHARED)
+  grouped = pl.bucket_token_ids(raw, 4, shared_rows=SHARED)
   current = meta_step.support_slots
+  # (token ids, inner-step rows, towers of another revision, model.remat)
   known = {
-    "one_trim": (pl.trim_token_ids(raw, multiple=8), all_rows, None),
-    "groups": (grouped, all_rows, None),
-    "groups_slots": (grouped, current, None),
+    "one_trim": (pl.trim_token_ids(raw, multiple=8), all_rows, None, None),
+    "groups": (grouped, all_rows, None, None),
+    "groups_slots": (grouped, current, None, None),
+    "keep_all": (grouped, current, None, "none"),
   }
   if args.baseline:
-    known["baseline"] = (grouped, current, clip_module_at(args.baseline))
+    towers = clip_module_at(args.baseline)
+    known["baseline"] = (grouped, current, towers, None)
   variants = {n: known[n] for n in args.variants.split(",")}
 
   compiled = {}
-  for name, (ids, slots, towers) in variants.items():
+  for name, (ids, slots, towers, remat) in variants.items():
     # Traced now, so the rows rule of this variant is baked into its step.
     meta_step.support_slots = slots
     frozen, spec, state, batch = step_inputs(args.classes, ids)
+    if remat is not None:
+      frozen = frozen.replace(clip=frozen.clip.replace(remat=remat))
     if towers is not None:  # the same weights through REV's tower code
       clip = frozen.clip
       params = revision_layout(towers, clip.params)
