@@ -124,8 +124,8 @@ def main():
     "keep_all": (grouped, current, None, "none"),
   }
   if args.baseline:
-    towers = clip_module_at(args.baseline)
-    known["baseline"] = (grouped, current, towers, None)
+    revision = clip_module_at(args.baseline)
+    known["baseline"] = (grouped, current, revision, None)
   variants = {n: known[n] for n in args.variants.split(",")}
 
   compiled = {}
